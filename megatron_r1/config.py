@@ -1,0 +1,469 @@
+"""Typed configuration for every stage: dataclasses loaded from YAML, overridden by `section.key=value`.
+
+One source of truth: each field is documented once, here, at its definition. Defaults follow the DeepSeek-R1 /
+R1-Zero reports where they say something. `load_config(path, overrides)` returns a validated `Config`; any error
+names the field (and the file) and says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from megatron_r1.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    """Architecture. `preset` fills every field first; fields given next to it override the preset's values."""
+
+    preset: Optional[str] = None  # deepseek_v3 | deepseek_v3_tiny | llama | llama_tiny | qwen2 | qwen2_tiny | ...
+    arch: str = "deepseek_v3"  # deepseek_v3 (MLA + MoE) | llama | qwen2 (dense, GQA)
+    num_layers: int = 4
+    hidden_size: int = 128
+    ffn_hidden_size: int = 384  # dense MLP width (DeepSeek-V3: the first-k dense layers)
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA groups for dense models; None = multi-head
+    kv_channels: Optional[int] = None  # head dim of dense models; None = hidden / heads
+    vocab_size: int = 512  # tokenizer vocab; padded for TP by the model builder
+    max_position_embeddings: int = 512
+    seq_length: int = 256  # training sequence length (prompt + response in RL)
+    norm_epsilon: float = 1e-6
+    rotary_base: float = 10000.0
+    untie_embeddings_and_output_weights: bool = True  # DeepSeek-V3: untied; small Llamas: tied
+    add_qkv_bias: bool = False  # Qwen2: True
+    init_method_std: float = 0.02
+    # Multi-latent attention (DeepSeek-V2/V3).
+    multi_latent_attention: bool = True
+    q_lora_rank: Optional[int] = 48  # None: queries are not compressed
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 32  # the no-position ("nope") part of each query/key head
+    qk_pos_emb_head_dim: int = 16  # the rotary part, shared by all heads for keys
+    v_head_dim: int = 32
+    rope_type: str = "yarn"  # yarn | rope
+    rotary_scaling_factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # DeepSeekMoE.
+    num_experts: Optional[int] = 4  # routed experts; None = dense model
+    moe_ffn_hidden_size: int = 96
+    moe_shared_expert_intermediate_size: Optional[int] = 96  # one shared expert of this width; None = none
+    moe_router_topk: int = 2
+    moe_router_num_groups: Optional[int] = 2  # group-limited routing: experts split in groups ...
+    moe_router_group_topk: Optional[int] = 1  # ... and only the best groups are eligible
+    moe_router_score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True  # aux-loss-free balancing with a per-expert bias
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = 2.5  # routed scaling factor
+    moe_aux_loss_coeff: float = 0.0  # DeepSeek-V3 relies on the bias, not an aux loss (a tiny seq-aux loss is optional)
+    first_k_dense_replace: int = 1  # the first k layers use a dense MLP
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    mtp_num_layers: Optional[int] = None  # multi-token prediction depth (DeepSeek-V3: 1)
+    mtp_loss_scaling_factor: float = 0.1
+
+
+@dataclass
+class ParallelConfig:
+    """Layout. world size = TP × PP × DP; experts are split EP-way inside DP × TP (Megatron's expert groups)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = 1  # TP inside experts; DeepSeek-V3 uses 1
+    sequence_parallel: Optional[bool] = None  # None: on when TP > 1 (required for MoE with TP)
+    use_distributed_optimizer: bool = False  # ZeRO-1 over DP; see README for what CPU supports
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    num_microbatches: Optional[int] = None  # None: global batch / (micro batch × DP)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_steps: int = 10
+    lr_decay_style: str = "cosine"  # constant | linear | cosine
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = 1234
+    log_interval: int = 1
+    eval_interval: int = 0  # 0 = never
+    eval_batches: int = 4
+    recompute_activations: bool = False
+    num_epochs: Optional[int] = None  # SFT: epochs over the dataset (overrides train_steps when set)
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory of checkpoints (iter_0000010/ ... and `latest`)
+    load: Optional[str] = None  # resume from / initialise with this directory (None: `save` when it has one)
+    save_interval: int = 0  # 0 = only at the end
+    keep_last: int = 2  # older checkpoints are removed after a new one is committed
+    load_optimizer: bool = True  # False: weights only (start a new stage from a checkpoint)
+    finetune: bool = False  # True: load weights, reset step, data position and optimizer
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"  # tensorboard events, plots, results
+    tensorboard: bool = True
+    progress: bool = True  # progress bar on rank 0
+    plots: bool = True  # PNG curves at the end of a run
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = "builtin:demo"  # builtin:demo | a local directory with tokenizer.json | a tokenizer.json file
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:demo_arithmetic"  # path (.jsonl/.parquet/HF dir) or builtin:<task>
+    eval_source: Optional[str] = None  # held-out set; None = the same source with split=test
+    template: str = "r1_zero"  # r1_zero | r1_chat | plain
+    field_map: dict = field(default_factory=dict)  # dataset column -> our field (prompt, answer, ...)
+    options: dict = field(default_factory=dict)  # passed to the builtin generator (num_samples, seed, ...)
+    skip_bad_rows: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class RewardConfig:
+    name: str = "accuracy"
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for rollouts and evaluation (the in-engine generation server)."""
+
+    temperature: float = 1.0  # R1-Zero samples at 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    max_batch_size: int = 64
+    stop: list = field(default_factory=list)
+
+
+@dataclass
+class RLConfig:
+    """GRPO (R1-Zero defaults: KL 0.001 with k3, temperature 1.0, clip 0.2)."""
+
+    prompts_per_step: int = 32  # B
+    group_size: int = 16  # G answers per prompt
+    max_prompt_length: int = 128
+    max_response_length: int = 64
+    ppo_epochs: int = 1  # μ
+    mini_batch_size: int = 64  # answers per optimizer step inside an RL step
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO clip-higher: 0.28
+    kl_coef: float = 0.001
+    kl_estimator: str = "k3"
+    loss_agg: str = "seq-mean-token-mean"
+    ratio_level: str = "token"  # token | sequence (GSPO)
+    advantage_scale: str = "std"  # std | none (Dr. GRPO)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
+    max_refill_rounds: int = 3
+    overlong_penalty: float = 0.0  # subtracted from answers that hit max_response_length
+    tis_cap: Optional[float] = None  # truncated importance sampling cap (behaviour vs trainer)
+    reference_offload: bool = False  # keep the frozen reference model's weights on the CPU
+    reflection_words: list = field(
+        default_factory=lambda: ["wait", "re-check", "recheck", "let me verify", "verify", "double-check", "hmm"]
+    )
+
+
+@dataclass
+class Config:
+    """Everything one run needs. `stage` picks the job run by `megatron-r1 train`."""
+
+    stage: str = "pretrain"  # pretrain | sft | grpo | reward_model
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rewards: list = field(default_factory=lambda: [RewardConfig("accuracy", 1.0), RewardConfig("format", 1.0)])
+
+
+STAGES = ("pretrain", "sft", "grpo", "reward_model")
+# Fields whose value is a list of dataclasses: the element type is not visible in the `list` annotation.
+LIST_ELEMENT_TYPES = {("Config", "rewards"): RewardConfig}
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    return value
+
+
+def _from_dict(cls, data: Any, where: str, base=None):
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are errors naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    obj = base if base is not None else cls()
+    if cls is ModelConfig and data.get("preset") is not None and base is None:
+        from megatron_r1.models.presets import get_preset
+
+        obj = get_preset(data["preset"], where=f"{where}.preset" if where else "preset")
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{path}: unknown field{hint}")
+        elem = LIST_ELEMENT_TYPES.get((cls.__name__, key))
+        if elem is not None:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: expected a list, got {value!r}")
+            coerced = [_from_dict(elem, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            coerced = _from_dict(hints[key], value, path, base=None if key == "model" else getattr(obj, key))
+        else:
+            coerced = _coerce(value, hints[key], path)
+        setattr(obj, key, coerced)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.hidden_size=256` -> (["model", "hidden_size"], 256); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; syntax errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{loc}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+    data = _deepcopy_plain(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+    # A preset given only by override must still be applied before the model's other fields.
+    try:
+        cfg = _from_dict(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    validate(cfg, source=source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or start from defaults when `path` is None), apply `key=value` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(data, overrides, source=str(path) if path is not None else "config")
+
+
+def _deepcopy_plain(data):
+    if isinstance(data, dict):
+        return {k: _deepcopy_plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy_plain(v) for v in data]
+    return data
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain data (for logging at start and saving beside checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None, source: str = "config") -> None:
+    """Consistency checks that a run would otherwise trip over deep inside Megatron. Messages name the field."""
+    try:
+        _validate(cfg, world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _validate(cfg: Config, world_size: Optional[int]) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    _check(cfg.stage in STAGES, f"stage: unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
+    _check(m.arch in ("deepseek_v3", "llama", "qwen2"), f"model.arch: unknown architecture {m.arch!r}")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+        _check(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    for name, v in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                    ("expert_model_parallel_size", ep)):
+        _check(v >= 1, f"parallel.{name}: must be >= 1, got {v}")
+    _check(m.num_attention_heads % tp == 0,
+           f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_attention_heads "
+           f"({m.num_attention_heads})")
+    if m.num_query_groups is not None:
+        _check(m.num_attention_heads % m.num_query_groups == 0,
+               f"model.num_query_groups: {m.num_query_groups} does not divide num_attention_heads "
+               f"({m.num_attention_heads})")
+        _check(m.num_query_groups % tp == 0,
+               f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups "
+               f"({m.num_query_groups})")
+    _check(m.num_layers % pp == 0,
+           f"parallel.pipeline_model_parallel_size: {pp} does not divide model.num_layers ({m.num_layers})")
+    if m.kv_channels is None and not m.multi_latent_attention:
+        _check(m.hidden_size % m.num_attention_heads == 0,
+               f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads "
+               f"({m.num_attention_heads}); set model.kv_channels")
+    if m.multi_latent_attention:
+        _check(m.arch == "deepseek_v3", "model.multi_latent_attention: only the deepseek_v3 architecture uses MLA")
+    if m.num_experts:
+        _check(m.arch == "deepseek_v3", "model.num_experts: only the deepseek_v3 architecture has MoE layers")
+        _check(m.num_experts % ep == 0,
+               f"parallel.expert_model_parallel_size: {ep} does not divide model.num_experts ({m.num_experts})")
+        _check(1 <= m.moe_router_topk <= m.num_experts,
+               f"model.moe_router_topk: {m.moe_router_topk} must be in [1, num_experts={m.num_experts}]")
+        if m.moe_router_num_groups:
+            _check(m.num_experts % m.moe_router_num_groups == 0,
+                   f"model.moe_router_num_groups: {m.moe_router_num_groups} does not divide num_experts "
+                   f"({m.num_experts})")
+            _check(m.moe_router_group_topk is not None and 1 <= m.moe_router_group_topk <= m.moe_router_num_groups,
+                   f"model.moe_router_group_topk: must be in [1, moe_router_num_groups={m.moe_router_num_groups}]")
+        _check(0 <= m.first_k_dense_replace <= m.num_layers,
+               f"model.first_k_dense_replace: {m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
+    else:
+        _check(ep == 1, "parallel.expert_model_parallel_size: must be 1 for a dense model (model.num_experts unset)")
+    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend: unknown backend {p.backend!r}")
+    _check(t.precision in ("auto", "fp32", "bf16"), f"training.precision: unknown precision {t.precision!r}")
+    _check(t.micro_batch_size >= 1, f"training.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
+    _check(t.global_batch_size % t.micro_batch_size == 0,
+           f"training.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size "
+           f"({t.micro_batch_size})")
+    o = cfg.optimizer
+    _check(o.lr > 0, f"optimizer.lr: must be positive, got {o.lr}")
+    _check(o.lr_decay_style in ("constant", "linear", "cosine"),
+           f"optimizer.lr_decay_style: unknown style {o.lr_decay_style!r}")
+    r = cfg.rl
+    _check(r.group_size >= 2, f"rl.group_size: GRPO needs at least 2 answers per prompt, got {r.group_size}")
+    _check(r.kl_estimator in ("k1", "k2", "k3"), f"rl.kl_estimator: unknown estimator {r.kl_estimator!r}")
+    _check(r.loss_agg in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
+           f"rl.loss_agg: unknown aggregation {r.loss_agg!r}")
+    _check(r.ratio_level in ("token", "sequence"), f"rl.ratio_level: unknown level {r.ratio_level!r}")
+    _check(r.advantage_scale in ("std", "none"), f"rl.advantage_scale: unknown scale {r.advantage_scale!r}")
+    _check(0 <= r.clip_low < 1 and r.clip_high >= 0, "rl.clip_low/clip_high: need 0 <= clip_low < 1, clip_high >= 0")
+    _check((r.prompts_per_step * r.group_size) % r.mini_batch_size == 0,
+           f"rl.mini_batch_size: {r.mini_batch_size} does not divide prompts_per_step × group_size "
+           f"({r.prompts_per_step * r.group_size})")
+    _check(cfg.data.template in ("r1_zero", "r1_chat", "plain"), f"data.template: unknown template {cfg.data.template!r}")
+    if world_size is not None:
+        validate_world_size(cfg.parallel, world_size)
+
+
+def validate_world_size(p: ParallelConfig, world_size: int) -> None:
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    _check(world_size % (tp * pp) == 0,
+           f"parallel: world size {world_size} is not divisible by tensor × pipeline parallel size ({tp}×{pp})")
+    dp = world_size // (tp * pp)
+    etp = p.expert_tensor_parallel_size or tp
+    _check((dp * tp) % (ep * etp) == 0,
+           f"parallel.expert_model_parallel_size: {ep} (× expert TP {etp}) does not divide data × tensor parallel "
+           f"ranks ({dp}×{tp}) at world size {world_size}")

@@ -1,0 +1,204 @@
+"""Build a Megatron-Core GPTModel from our ModelConfig: the TransformerConfig, the layer spec, the model.
+
+The model knows nothing about the training loop; parallelism comes from `megatron.core.parallel_state`, set up by
+`megatron_r1.parallel` before this is called. Transformer Engine specs are used when TE is installed, local
+(pure torch) specs otherwise — swapped through the spec, not through `if`s in the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_r1.config import ModelConfig, ParallelConfig
+from megatron_r1.parallel import cpu_compat
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Megatron pads the vocab so every TP shard has the same, aligned size."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str = "auto"):
+    """The Megatron TransformerConfig (MLATransformerConfig for DeepSeek-V3) for this model and layout."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    dtype = resolve_dtype(precision)
+    tp = p.tensor_model_parallel_size
+    sequence_parallel = p.sequence_parallel if p.sequence_parallel is not None else tp > 1
+    on_gpu = torch.cuda.is_available()
+    common = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        layernorm_epsilon=m.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,  # SwiGLU everywhere (DeepSeek-V3, Llama, Qwen2)
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or tp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        variable_seq_lengths=True,  # RL batches have varying lengths across steps
+        calculate_per_token_loss=False,
+    )
+    if m.num_experts:
+        freq = [0] * m.first_k_dense_replace + [1] * (m.num_layers - m.first_k_dense_replace)
+        common.update(
+            num_moe_experts=m.num_experts,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_layer_freq=freq,
+            moe_router_topk=m.moe_router_topk,
+            moe_router_num_groups=m.moe_router_num_groups,
+            moe_router_group_topk=m.moe_router_group_topk,
+            moe_router_score_function=m.moe_router_score_function,
+            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
+            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
+            moe_router_pre_softmax=False,
+            moe_router_load_balancing_type="seq_aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
+    if m.mtp_num_layers:
+        common.update(mtp_num_layers=m.mtp_num_layers, mtp_loss_scaling_factor=m.mtp_loss_scaling_factor)
+    if m.multi_latent_attention:
+        return MLATransformerConfig(
+            **common,
+            q_lora_rank=m.q_lora_rank,
+            kv_lora_rank=m.kv_lora_rank,
+            qk_head_dim=m.qk_head_dim,
+            qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
+            v_head_dim=m.v_head_dim,
+            qk_layernorm=True,  # DeepSeek-V3 normalises the compressed q and kv latents
+            rope_type=m.rope_type,
+            rotary_base=m.rotary_base,
+            rotary_scaling_factor=m.rotary_scaling_factor,
+            original_max_position_embeddings=m.original_max_position_embeddings,
+            beta_fast=m.beta_fast,
+            beta_slow=m.beta_slow,
+            mscale=m.mscale,
+            mscale_all_dim=m.mscale_all_dim,
+        )
+    return TransformerConfig(**common)
+
+
+def _replace_in_spec(spec, table: dict, seen=None):
+    """Walk a ModuleSpec tree and swap module classes per `table` (the local fallbacks for TE-less runs)."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if seen is None:
+        seen = set()
+    if id(spec) in seen:
+        return spec
+    seen.add(id(spec))
+    if isinstance(spec, ModuleSpec):
+        if spec.module in table:
+            spec.module = table[spec.module]
+        if spec.submodules is not None:
+            _replace_in_spec(spec.submodules, table, seen)
+        return spec
+    if dataclasses.is_dataclass(spec):
+        for f in dataclasses.fields(spec):
+            val = getattr(spec, f.name)
+            if isinstance(val, type) and val in table:
+                setattr(spec, f.name, table[val])
+            elif isinstance(val, (list, tuple)):
+                new = [table.get(v, v) if isinstance(v, type) else _replace_in_spec(v, table, seen) for v in val]
+                setattr(spec, f.name, type(val)(new))
+            elif val is not None and not isinstance(val, type):
+                _replace_in_spec(val, table, seen)
+    return spec
+
+
+def build_layer_spec(tconfig, use_te: Optional[bool] = None):
+    """Decoder block spec (and MTP block spec) for this config; local modules where TE is absent."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+
+    if use_te is None:
+        use_te = cpu_compat.te_available() and torch.cuda.is_available()
+    block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=use_te, normalization="RMSNorm")
+    mtp = None
+    if tconfig.mtp_num_layers:
+        mtp = get_gpt_mtp_block_spec(tconfig, block.layer_specs[-1], use_transformer_engine=use_te)
+    if not use_te:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from megatron_r1.models.local_layers import RMSNorm, SDPACoreAttention
+
+        table = {DotProductAttention: SDPACoreAttention, WrappedTorchNorm: RMSNorm}
+        # Specs returned by Megatron are shared module-level objects: copy before editing.
+        block = _replace_in_spec(copy.deepcopy(block), table)
+        if mtp is not None:
+            mtp = _replace_in_spec(copy.deepcopy(mtp), table)
+    return block, mtp
+
+
+def build_model(m: ModelConfig, p: ParallelConfig, precision: str = "auto", pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None, vp_stage: Optional[int] = None):
+    """This rank's part of the model (its pipeline stage, its TP/EP shards), on CPU or the current GPU."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    cpu_compat.install()
+    tconfig = build_transformer_config(m, p, precision)
+    block, mtp = build_layer_spec(tconfig)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True) if ps.is_initialized() else True
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=True) if ps.is_initialized() else True
+    if mtp is not None and not post_process:
+        mtp = None  # the MTP block lives on the last pipeline stage
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block,
+        vocab_size=padded_vocab_size(m.vocab_size, p.tensor_model_parallel_size),
+        max_sequence_length=m.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        # MLA builds its own (YaRN) rotary embedding inside attention; dense models use plain RoPE.
+        position_embedding_type="none" if m.multi_latent_attention else "rope",
+        rotary_base=int(m.rotary_base),
+        mtp_block_spec=mtp,
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model

@@ -1,0 +1,61 @@
+"""Pure-torch modules for Megatron-Core specs when Transformer Engine is absent (CPU, or GPUs without TE).
+
+Megatron's local `DotProductAttention` assumes equal K and V head sizes, which MLA breaks, and its torch norm
+refuses sequence parallelism, which MoE with TP requires; these two modules fill those gaps (MCORE_CPU.md 8, 9).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPACoreAttention(MegatronModule):
+    """Causal attention over Megatron's [s, b, heads, dim] layout with `torch.nn.functional.scaled_dot_product_attention`.
+
+    Accepts K/V head sizes that differ (MLA) and grouped KV heads (GQA). `attention_mask`, when given, follows
+    Megatron's convention (True = masked) and is used instead of the causal mask (packed samples).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None,
+                 **unused):
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **unused):
+        if packed_seq_params is not None:
+            raise ValueError("SDPACoreAttention: packed_seq_params needs Transformer Engine; pass an attention mask")
+        sq, b, nq, _ = query.shape
+        nkv = key.shape[2]
+        q = query.permute(1, 2, 0, 3)  # [b, heads, s, d]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        if nq != nkv:
+            k = k.repeat_interleave(nq // nkv, dim=1)
+            v = v.repeat_interleave(nq // nkv, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
+                                                 scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, nq * v.shape[-1])
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm whose weight carries `sequence_parallel`, so Megatron all-reduces its gradient across TP ranks."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x):
+        dtype = x.dtype
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(dtype)
