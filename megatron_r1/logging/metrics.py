@@ -1,0 +1,106 @@
+"""One sink for a run's scalars: tensorboard events, a `metrics.jsonl` (for plots and tests), the console.
+
+Only the logging rank writes (see ParallelContext.is_logging_rank); other ranks get a logger that drops
+everything, so callers never branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+
+
+def get_logger(name: str = "megatron_r1") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO"))
+        logger.propagate = False
+    return logger
+
+
+def _scalar(v) -> Optional[float]:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            return None
+        v = v.item()
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    return None
+
+
+class MetricsLogger:
+    """Write scalars to tensorboard and `run_dir/metrics.jsonl`; `enabled=False` makes every call a no-op."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = ""):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.prefix = prefix
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, step: int, metrics: Mapping[str, object]) -> dict:
+        """Record every scalar in `metrics` at `step`; returns the plain-float dict that was written."""
+        clean = {}
+        for k, v in metrics.items():
+            f = _scalar(v)
+            if f is not None:
+                clean[f"{self.prefix}{k}"] = f
+        if not self.enabled:
+            return clean
+        for k, f in clean.items():
+            if self._tb is not None and math.isfinite(f):
+                self._tb.add_scalar(k, f, step)
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        return clean
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl` (a resumed run appends; the last row per step wins)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill mid-write
+            rows[(row.get("step"), tuple(sorted(k for k in row if k not in ("step", "time"))))] = row
+    return sorted(rows.values(), key=lambda r: (r.get("step", 0), r.get("time", 0)))
