@@ -1,0 +1,85 @@
+"""Name -> reward function registry: built-ins, user plugins (`pkg.module:function`) and options checking."""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from typing import Callable, Protocol
+
+from megatron_r1.errors import ConfigError
+
+
+class RewardFn(Protocol):
+    """A batched reward: one float per completion; `samples[i]` is the dataset row that prompted `completions[i]`."""
+
+    def __call__(self, completions: list[str], samples: list[dict]) -> list[float]: ...
+
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register_reward(name: str):
+    """Register a reward under `name`.
+
+    The decorated object is either a function `fn(completions, samples, **options) -> list[float]` or a class
+    whose `__init__(**options)` builds a batched callable (for rewards that hold state such as a process pool).
+    """
+
+    def wrap(obj):
+        if name in _REGISTRY and _REGISTRY[name] is not obj:
+            raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__module__}")
+        _REGISTRY[name] = obj
+        return obj
+
+    return wrap
+
+
+def available_rewards() -> list[str]:
+    """The registered names, for error messages and `--help`."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def _load_builtins() -> None:
+    # Imported for their @register_reward side effect; deferred so `registry` has no import cycle.
+    from megatron_r1.rewards import accuracy, code, format, language  # noqa: F401
+
+
+def _resolve(name: str):
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ConfigError(f"reward {name!r}: cannot import module {module_name!r}: {e}") from e
+        try:
+            return getattr(module, attr)
+        except AttributeError:
+            raise ConfigError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}") from None
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown reward {name!r}; known: {', '.join(sorted(_REGISTRY))} (or use 'pkg.module:function')")
+    return _REGISTRY[name]
+
+
+def _check_options(name: str, target: Callable, options: dict, skip: int) -> None:
+    """Fail at config time, not mid-run, when an option is misspelled."""
+    params = list(inspect.signature(target).parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigError(f"reward {name!r}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+
+
+def get_reward(name: str, **options) -> RewardFn:
+    """Build the batched reward `fn(completions, samples) -> list[float]` registered as `name` with `options`."""
+    obj = _resolve(name)
+    if inspect.isclass(obj):
+        _check_options(name, obj.__init__, options, skip=1)
+        return obj(**options)
+    if not callable(obj):
+        raise ConfigError(f"reward {name!r} resolves to {type(obj).__name__}, not a function or class")
+    _check_options(name, obj, options, skip=2)
+    return functools.partial(obj, **options) if options else obj
