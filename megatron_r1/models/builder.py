@@ -69,6 +69,7 @@ def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str =
         gradient_accumulation_fusion=False,
         variable_seq_lengths=True,  # RL batches have varying lengths across steps
         calculate_per_token_loss=False,
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,  # mcore's default (allgather) rejects variable_seq_lengths even for dense models
     )
     if m.num_experts:
         freq = [0] * m.first_k_dense_replace + [1] * (m.num_layers - m.first_k_dense_replace)
