@@ -182,6 +182,10 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.transformer.moe.moe_utils",
     "megatron.core.transformer.moe.router",  # (11) the expert-bias buffers are made on the current device
     "megatron.core.transformer.multi_token_prediction",  # (12) the MTP loss tracker
+    "megatron.core.distributed.distributed_data_parallel",  # (13) DDP's communication stream
+    "megatron.core.distributed.param_and_grad_buffer",  # (13) grad buffers on the current device
+    "megatron.core.optimizer.optimizer",  # (14) found-inf / loss-scale tensors made with device='cuda'
+    "megatron.core.optimizer.clip_grads",  # (14) the grad-norm all-reduce tensor
 )
 
 

@@ -1,0 +1,270 @@
+"""DeepSeek-R1-Zero's GRPO (`stage: grpo`), read top to bottom like the paper:
+
+    sample G answers per prompt -> score with rule rewards -> group-normalised advantages
+    -> old log-probs (trainer recompute) and reference log-probs (frozen model)
+    -> μ epochs of clipped policy-gradient mini-batch updates with a KL penalty -> refit the generator.
+
+The generator is the in-engine `megatron_r1.inference.Engine` reading the policy's own parameters, so "refit" is
+a version bump, not a copy; nothing on the loop's path goes through disk or HTTP.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_r1.config import Config
+from megatron_r1.errors import ConfigError
+from megatron_r1.logging import get_logger
+from megatron_r1.parallel import init_parallel
+from megatron_r1.rl.batch import RolloutBatch, collate
+from megatron_r1.rl.policy_forward import compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches
+from megatron_r1.rl.rollout import informative_groups, reflection_rate, sample_group_rollouts, score_rollouts
+from megatron_r1.training.loop import resume_or_init, run_loop
+from megatron_r1.training.pretrain import check_vocab
+from megatron_r1.training.setup import build_train_state, unwrap
+from megatron_r1.training.step import train_step
+
+log = get_logger()
+
+
+class Timer:
+    """Wall time per phase of a step (generate / reward / logprobs / update / refit)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class PromptSampler:
+    """Deterministic prompt order (a seeded permutation per epoch); the position alone resumes it exactly."""
+
+    samples: list
+    seed: int
+
+    def take(self, start: int, count: int) -> list:
+        n = len(self.samples)
+        out = []
+        for idx in range(start, start + count):
+            epoch, pos = divmod(idx, n)
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            out.append(self.samples[int(torch.randperm(n, generator=g)[pos])])
+        return out
+
+
+def build_reference(cfg: Config, policy_model, fresh_start: bool):
+    """The frozen reference policy: the weights RL started from (`checkpoint.load`, or the policy's initial ones)."""
+    from megatron_r1.models.builder import build_model
+
+    ref = build_model(cfg.model, cfg.parallel, cfg.training.precision)
+    if cfg.checkpoint.load:
+        from megatron_r1.checkpoint import load_model_only
+
+        load_model_only(ref, cfg.checkpoint.load)
+    elif fresh_start:
+        ref.load_state_dict(policy_model.state_dict(), strict=False)
+    else:
+        raise ConfigError("checkpoint.load: resuming GRPO with a KL penalty needs the starting checkpoint to rebuild "
+                           "the reference model; set checkpoint.load to it")
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    if cfg.rl.reference_offload and torch.cuda.is_available():
+        ref.cpu()
+    return ref
+
+
+@contextlib.contextmanager
+def on_device(model, offload: bool):
+    """Bring an offloaded reference model to the GPU for its forward pass, and back."""
+    if offload and torch.cuda.is_available():
+        model.cuda()
+        try:
+            yield model
+        finally:
+            model.cpu()
+    else:
+        yield model
+
+
+def group_advantages_for(batch: RolloutBatch, scale: str) -> torch.Tensor:
+    from megatron_r1.ops import group_advantages
+
+    return group_advantages(batch.rewards, batch.group_size, scale=scale)
+
+
+def collect_rollouts(engine, tokenizer, template, sampler: PromptSampler, state, cfg: Config, rewards, timer: Timer,
+                     dp_rank: int, dp_size: int) -> tuple[RolloutBatch, dict]:
+    """B prompts × G answers for this DP rank, scored; with dynamic sampling, uninformative groups are replaced by
+    fresh prompts (up to `max_refill_rounds`)."""
+    rl = cfg.rl
+    per_rank = rl.prompts_per_step // dp_size
+    counters = {"reward_errors": 0, "reward_timeouts": 0, "truncated_rate": 0.0, "dropped_groups": 0}
+    kept: list[RolloutBatch] = []
+    have, rounds = 0, 0
+    while have < per_rank:
+        want = per_rank - have
+        start = state.consumed_samples + dp_rank * want
+        prompts = sampler.take(start, want)
+        state.consumed_samples += want * dp_size
+        seed = cfg.training.seed + 1000 * state.step + 97 * rounds + dp_rank
+        with timer("generate"):
+            batch = sample_group_rollouts(engine, tokenizer, template, prompts, rl.group_size, cfg.generation,
+                                          rl.max_response_length, seed)
+        with timer("reward"):
+            c = score_rollouts(batch, rewards, rl.overlong_penalty)
+        counters["reward_errors"] += c["reward_errors"]
+        counters["reward_timeouts"] += c["reward_timeouts"]
+        counters["truncated_rate"] = c["truncated_rate"]
+        if rl.dynamic_sampling and rounds < rl.max_refill_rounds:
+            groups = informative_groups(batch.rewards, rl.group_size)
+            counters["dropped_groups"] += want - len(groups)
+            idx = [g * rl.group_size + j for g in groups for j in range(rl.group_size)]
+            if idx:
+                kept.append(batch.select(idx))
+            have += len(groups)
+            rounds += 1
+        else:
+            kept.append(batch)
+            have += want
+    batch = RolloutBatch.concat(kept) if len(kept) > 1 else kept[0]
+    batch.advantages = group_advantages_for(batch, rl.advantage_scale)
+    return batch, counters
+
+
+def rollout_metrics(batch: RolloutBatch, cfg: Config) -> dict:
+    lengths = torch.tensor([len(r) for r in batch.response_tokens], dtype=torch.float32)
+    m = {"reward": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+         "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+         "reflection_rate": reflection_rate(batch.texts, cfg.rl.reflection_words)}
+    for name, values in batch.components.items():
+        m[f"reward/{name}"] = sum(values) / max(1, len(values))
+    if "accuracy" in batch.components:
+        m["accuracy"] = m["reward/accuracy"]
+    if "format" in batch.components:
+        m["format_rate"] = m["reward/format"]
+    return m
+
+
+def build_engine(cfg: Config, policy_model, tokenizer):
+    from megatron_r1.inference import Engine
+
+    max_len = cfg.rl.max_prompt_length + cfg.rl.max_response_length + 1
+    return Engine(policy_model, model_config=cfg.model, tokenizer=tokenizer,
+                  max_batch_size=min(cfg.generation.max_batch_size, cfg.rl.prompts_per_step * cfg.rl.group_size),
+                  max_seq_len=max_len)
+
+
+def run_grpo(cfg: Config) -> dict:
+    """Run GRPO for `training.train_steps` RL steps (resumable); return the last step's metrics."""
+    from megatron_r1.data import load_dataset
+    from megatron_r1.data.templates import get_template
+    from megatron_r1.data.tokenizer import load_tokenizer
+    from megatron_r1.rewards import CombinedReward, RewardSpec
+
+    rl, t = cfg.rl, cfg.training
+    ctx = init_parallel(cfg.parallel, t.seed)
+    if ctx.pp_size > 1:
+        raise ConfigError("parallel.pipeline_model_parallel_size: GRPO generates with the in-engine generator, "
+                          "which does not support pipeline parallelism; use TP/EP/DP for RL")
+    if rl.prompts_per_step % ctx.dp_size:
+        raise ConfigError(f"rl.prompts_per_step: {rl.prompts_per_step} is not divisible by the data-parallel size "
+                          f"{ctx.dp_size}")
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    check_vocab(cfg, tokenizer)
+    template = get_template(cfg.data.template)
+    prompts = load_dataset(cfg.data.source, field_map=cfg.data.field_map or None, split="train",
+                           skip_bad_rows=cfg.data.skip_bad_rows, **cfg.data.options)
+    rewards = CombinedReward([RewardSpec(r.name, r.weight, dict(r.options)) for r in cfg.rewards])
+
+    answers_per_rank = rl.prompts_per_step * rl.group_size // ctx.dp_size
+    mini_per_rank = max(1, rl.mini_batch_size // ctx.dp_size)
+    opt_steps_per_rl_step = rl.ppo_epochs * math.ceil(answers_per_rank / mini_per_rank)
+    state = build_train_state(cfg, ctx, t.train_steps * opt_steps_per_rl_step)
+    resumed_from = resume_or_init(state)
+    policy = state.unwrapped[0]
+    reference = None
+    if rl.kl_coef > 0:
+        reference = build_reference(cfg, policy, fresh_start=state.step == 0 or resumed_from == cfg.checkpoint.load)
+    engine = build_engine(cfg, policy, tokenizer)
+    sampler = PromptSampler(prompts, t.seed)
+    mbs = t.micro_batch_size
+    # On-policy shortcut: with one epoch over one mini-batch the "old" policy is the current one, so the trainer's
+    # recompute equals the gradient pass's own log-probs (ratio = 1 exactly); skip that extra forward.
+    need_old = rl.ppo_epochs > 1 or mini_per_rank < answers_per_rank
+
+    def one_step(state) -> dict:
+        timer = Timer()
+        batch, counters = collect_rollouts(engine, tokenizer, template, sampler, state, cfg, rewards, timer,
+                                           ctx.dp_rank, ctx.dp_size)
+        metrics = rollout_metrics(batch, cfg)
+        pb = collate(batch, tokenizer.pad_id, max_response=None)
+        with timer("logprobs"):
+            if need_old:
+                pb.old_logprobs = compute_logprobs(state.model, pb, mbs, cfg.generation.temperature, ctx.device)
+            if reference is not None:
+                with on_device(reference, rl.reference_offload):
+                    pb.ref_logprobs = compute_logprobs([reference], pb, mbs, cfg.generation.temperature, ctx.device)
+        n = len(pb)
+        step_metrics: list[dict] = []
+        skipped = 0
+        with timer("update"):
+            for _ in range(rl.ppo_epochs):
+                for start in range(0, n, mini_per_rank):
+                    mini = pb.slice(start, min(n, start + mini_per_rank))
+                    n_micro = math.ceil(len(mini) / mbs)
+                    token_scale = None
+                    if rl.loss_agg == "token-mean":
+                        token_scale = float(mini.response_mask.sum()) / n_micro
+                    with hidden_mode(state.model):
+                        result = train_step(state, make_policy_loss_step(rl, cfg.generation.temperature, token_scale),
+                                            micro_batches(mini, mbs, ctx.device), n_micro, mini.tokens.shape[1], mbs)
+                    skipped += int(result.skipped)
+                    step_metrics.append({"grad_norm": result.grad_norm, "lr": result.lr, **result.metrics})
+        with timer("refit"):
+            engine.refit()
+        state.step += 1
+        gen_tokens = float(pb.response_mask.sum())
+        train_tokens = float(pb.response_mask.sum() + (pb.tokens != tokenizer.pad_id).sum()) * rl.ppo_epochs
+        for key in step_metrics[0] if step_metrics else []:
+            vals = [m[key] for m in step_metrics if key in m and math.isfinite(m[key])]
+            if vals:
+                metrics[key] = sum(vals) / len(vals)
+        if "kl_mean" in metrics:
+            metrics["kl"] = metrics.pop("kl_mean")
+        metrics.update(counters)
+        metrics["skipped_steps"] = float(skipped)
+        for name, secs in timer.times.items():
+            metrics[f"time/{name}_s"] = secs
+        metrics["gen_tokens_per_s"] = gen_tokens / max(timer.times.get("generate", 0.0), 1e-9)
+        metrics["train_tokens_per_s"] = train_tokens / max(timer.times.get("update", 0.0), 1e-9)
+        if skipped:
+            log.warning("step %d: %d optimizer step(s) skipped (non-finite loss or gradients); weights kept",
+                        state.step, skipped)
+        return metrics
+
+    last: dict = {}
+
+    def logged_step(state):
+        m = one_step(state)
+        last.clear()
+        last.update(m)
+        return m
+
+    try:
+        run_loop(state, t.train_steps, logged_step, desc="grpo")
+    finally:
+        if hasattr(rewards, "close"):
+            rewards.close()
+    return dict(last)

@@ -1,0 +1,92 @@
+"""Plain language-model pre-training (`stage: pretrain`): how the demo's tiny base model is made.
+
+Next-token cross entropy (Megatron's vocab-parallel loss) over packed documents, through the same training step,
+checkpointing and logging as every other stage.
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import torch
+
+from megatron_r1.config import Config
+from megatron_r1.errors import ConfigError
+from megatron_r1.parallel import init_parallel
+from megatron_r1.training.lm_data import PackedLMDataset, pack_documents, read_text_documents, to_device
+from megatron_r1.training.loop import resume_or_init, run_loop
+from megatron_r1.training.setup import build_train_state
+from megatron_r1.training.step import train_step
+
+
+def lm_forward_step(data_iterator, model, device=None):
+    """Megatron forward step: per-token loss from the model, masked mean in the loss function."""
+    batch = next(data_iterator)
+    if device is not None:
+        batch = to_device(batch, device)
+    output = model(batch.tokens, batch.position_ids, None, labels=batch.labels, loss_mask=batch.loss_mask)
+
+    def loss_func(output_tensor):
+        mask = batch.loss_mask
+        loss = (output_tensor.float() * mask).sum() / mask.sum().clamp_min(1.0)
+        return loss, {"loss": loss.detach(), "tokens": mask.sum().detach()}
+
+    return output, loss_func
+
+
+def num_microbatches(cfg: Config, dp_size: int) -> int:
+    t = cfg.training
+    if t.global_batch_size % (t.micro_batch_size * dp_size) != 0:
+        raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not a multiple of "
+                          f"micro_batch_size × data-parallel size ({t.micro_batch_size}×{dp_size})")
+    return t.global_batch_size // (t.micro_batch_size * dp_size)
+
+
+def check_vocab(cfg: Config, tokenizer) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}, {cfg.tokenizer.path})")
+
+
+def build_lm_dataset(cfg: Config, tokenizer) -> PackedLMDataset:
+    docs = read_text_documents(cfg.data.source, dict(cfg.data.options))
+    windows = pack_documents([tokenizer.encode(d) for d in docs], cfg.model.seq_length, tokenizer.pad_id,
+                             tokenizer.eos_id)
+    return PackedLMDataset(windows, tokenizer.pad_id, cfg.training.seed)
+
+
+def run_pretrain(cfg: Config) -> dict:
+    """Train for `training.train_steps` steps (resuming if `checkpoint.save` has a checkpoint); return last metrics."""
+    from megatron_r1.data.tokenizer import load_tokenizer
+
+    ctx = init_parallel(cfg.parallel, cfg.training.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    check_vocab(cfg, tokenizer)
+    dataset = build_lm_dataset(cfg, tokenizer)
+    state = build_train_state(cfg, ctx, cfg.training.train_steps)
+    resume_or_init(state)
+    n_micro = num_microbatches(cfg, ctx.dp_size)
+    t = cfg.training
+    forward_step = partial(lm_forward_step, device=ctx.device)
+    last: dict = {}
+
+    def one_step(state):
+        t0 = time.perf_counter()
+        batches = dataset.micro_batches(state.consumed_samples, t.global_batch_size, t.micro_batch_size,
+                                        ctx.dp_rank, ctx.dp_size)
+        result = train_step(state, forward_step, batches, n_micro, cfg.model.seq_length, t.micro_batch_size)
+        state.consumed_samples += t.global_batch_size
+        state.step += 1
+        dt = time.perf_counter() - t0
+        tokens = result.metrics.get("tokens", 0.0) * n_micro * ctx.dp_size
+        metrics = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+                   "skipped": float(result.skipped), "tokens_per_s": tokens / dt if dt > 0 else math.nan,
+                   "consumed_samples": state.consumed_samples}
+        metrics.update({k: v for k, v in result.metrics.items() if k.startswith("moe/")})
+        last.clear()
+        last.update(metrics)
+        return metrics
+
+    run_loop(state, t.train_steps, one_step, desc="pretrain")
+    return dict(last)
