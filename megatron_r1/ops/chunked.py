@@ -1,0 +1,313 @@
+"""Token log-probs and the fused policy loss, chunk by chunk over tokens: never a [T, V] buffer.
+
+One driver serves every backend. A backend ("rows") supplies the per-row work on a [c, V_local] logits chunk:
+local log-sum-exp, target logit and E[z] (`stats_`), and the gradient w.r.t. the chunk (`grad_after_stats_`,
+`grad_from_logits`). The driver does the matmuls, combines the local statistics across the TP group the way
+Megatron's vocab-parallel cross entropy does, and owns autograd.
+
+Two gradient strategies:
+- `token_logprobs` returns per-token values whose upstream gradient is unknown in forward, so its backward
+  recomputes each chunk's logits (4 matmuls in all).
+- `fused_policy_loss` knows the loss, hence each token's upstream gradient, as soon as the chunk's log-probs
+  exist: it produces grad_hidden and grad_weight during forward (the 3 matmuls no method avoids) and its
+  backward only scales them by the scalar upstream gradient.
+"""
+import math
+import os
+
+import torch
+
+from . import _tp
+from .loss import PolicyLossConfig, aggregation_weights, policy_metrics, tis_weights, token_terms
+
+# Bytes of fp32 logits per chunk. Large enough that grad_weight += gᵀ·h amortizes its read-modify-write of
+# grad_weight over many tokens, small enough to stay far below the [T, V] buffers naive torch holds.
+DEFAULT_CHUNK_BYTES = int(os.environ.get("MEGATRON_R1_OPS_CHUNK_BYTES", 128 * 2**20))
+
+
+def chunk_rows(t: int, v: int, chunk_tokens=None) -> int:
+    """Tokens per chunk: explicit, or as many as fit DEFAULT_CHUNK_BYTES of fp32 logits."""
+    if chunk_tokens is None:
+        chunk_tokens = DEFAULT_CHUNK_BYTES // (4 * max(v, 1))
+    return max(1, min(int(chunk_tokens), max(t, 1)))
+
+
+def _low_precision_on_cuda(t):
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _mm32(a, b):
+    """a @ b with an fp32 result; on CUDA half inputs stay half and accumulate in fp32 (mm's out_dtype)."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and _low_precision_on_cuda(a):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+class _Operands:
+    """The weight as the matmuls want it: an fp32 copy on CPU (made once), the original dtype on CUDA."""
+
+    def __init__(self, weight):
+        self.dtype = weight.dtype if _low_precision_on_cuda(weight) else torch.float32
+        self.w = weight if weight.dtype == self.dtype else weight.to(self.dtype)
+
+    def logits(self, h, inv_temp):
+        h = h.to(self.dtype)
+        if inv_temp != 1.0:
+            h = h * inv_temp  # scaling [c, H] is cheaper than scaling [c, V]
+        return _mm32(h, self.w.t())
+
+    def grad_hidden(self, gx):
+        return _mm32(gx.to(self.dtype), self.w)
+
+    def add_grad_weight_(self, acc, gx, h):
+        if acc.dtype == self.dtype == torch.float32:
+            acc.addmm_(gx.t(), h.float())
+        else:
+            acc.add_(_mm32(gx.to(self.dtype).t(), h.to(self.dtype)))
+
+
+def combine(lse_l, tgt_l, ez_l, tp_group):
+    """Global (lse, target logit, entropy or None) from each rank's statistics over its vocab shard."""
+    if _tp.world(tp_group) == 1:
+        return lse_l, tgt_l, (lse_l - ez_l) if ez_l is not None else None
+    m = _tp.all_reduce_(lse_l.clone(), tp_group, op=torch.distributed.ReduceOp.MAX)
+    w = torch.exp(lse_l - m)
+    parts = [w, tgt_l] + ([w * ez_l] if ez_l is not None else [])
+    packed = _tp.all_reduce_(torch.stack(parts), tp_group)
+    lse = m + torch.log(packed[0])
+    ent = lse - packed[2] / packed[0] if ez_l is not None else None
+    return lse, packed[1], ent
+
+
+def _chunk_stats(rows, x, tokens, start, inv_temp, want_ent, tp_group):
+    lse_l, tgt_l, _, ez_l, state = rows.stats_(x, tokens, start, 1.0 if inv_temp is None else inv_temp, want_ent)
+    lse, tgt, ent = combine(lse_l, tgt_l, ez_l, tp_group)
+    return lse, tgt, ent, state
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, want_ent, tp_group, rows, chunk_tokens):
+        t = hidden.shape[0]
+        ops = _Operands(weight)
+        start = _tp.rank(tp_group) * weight.shape[0]
+        c = chunk_rows(t, weight.shape[0], chunk_tokens)
+        lse = torch.empty(t, device=hidden.device)
+        logp = torch.empty(t, device=hidden.device)
+        ent = torch.empty(t, device=hidden.device) if want_ent else None
+        for s in range(0, t, c):
+            e = min(s + c, t)
+            x = ops.logits(hidden[s:e], 1.0 / temperature)
+            lse_c, tgt_c, ent_c, _ = _chunk_stats(rows, x, tokens[s:e], start, 1.0, want_ent, tp_group)
+            lse[s:e], logp[s:e] = lse_c, tgt_c - lse_c
+            if want_ent:
+                ent[s:e] = ent_c
+        ctx.save_for_backward(hidden, weight, tokens, lse, ent if want_ent else None)
+        ctx.cfg = (temperature, tp_group, rows, c)
+        if want_ent:
+            return logp, ent
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        hidden, weight, tokens, lse, ent = ctx.saved_tensors
+        temperature, tp_group, rows, c = ctx.cfg
+        inv_temp = 1.0 / temperature
+        ops = _Operands(weight)
+        start = _tp.rank(tp_group) * weight.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        t = hidden.shape[0]
+        for s in range(0, t, c):
+            e = min(s + c, t)
+            h = hidden[s:e]
+            x = ops.logits(h, inv_temp)
+            gx = rows.grad_from_logits(
+                x, tokens[s:e], start, 1.0, lse[s:e], None if ent is None else ent[s:e],
+                None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e], x)
+            if want_h:
+                grad_h[s:e] = ops.grad_hidden(gx).mul_(inv_temp)
+            if want_w:
+                ops.add_grad_weight_(grad_w, gx, h * inv_temp)
+        if want_h:
+            _tp.all_reduce_(grad_h, tp_group)
+            grad_h = grad_h.to(hidden.dtype)
+        if want_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+class _LogprobsFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, want_ent, tp_group, rows, chunk_tokens):
+        t, v = logits.shape
+        start = _tp.rank(tp_group) * v
+        c = chunk_rows(t, v, chunk_tokens)
+        lse = torch.empty(t, device=logits.device)
+        logp = torch.empty(t, device=logits.device)
+        ent = torch.empty(t, device=logits.device) if want_ent else None
+        for s in range(0, t, c):
+            e = min(s + c, t)
+            x = _scratch(rows, logits[s:e])
+            lse_c, tgt_c, ent_c, _ = _chunk_stats(rows, x, tokens[s:e], start, 1.0 / temperature, want_ent,
+                                                  tp_group)
+            lse[s:e], logp[s:e] = lse_c, tgt_c - lse_c
+            if want_ent:
+                ent[s:e] = ent_c
+        ctx.save_for_backward(logits, tokens, lse, ent)
+        ctx.cfg = (temperature, tp_group, rows, c)
+        return (logp, ent) if want_ent else logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        logits, tokens, lse, ent = ctx.saved_tensors
+        temperature, tp_group, rows, c = ctx.cfg
+        start = _tp.rank(tp_group) * logits.shape[1]
+        grad = torch.empty_like(logits)
+        t = logits.shape[0]
+        for s in range(0, t, c):
+            e = min(s + c, t)
+            rows.grad_from_logits(
+                _scratch(rows, logits[s:e]), tokens[s:e], start, 1.0 / temperature, lse[s:e],
+                None if ent is None else ent[s:e], None if g_lp is None else g_lp[s:e],
+                None if g_ent is None else g_ent[s:e], grad[s:e])
+        return grad, None, None, None, None, None, None
+
+
+def _scratch(rows, x):
+    """A chunk the backend may overwrite: a private fp32 copy when it works in place, else the input itself."""
+    if rows.stats_clobbers_input:
+        return x.to(torch.float32, copy=True)
+    return x
+
+
+def token_logprobs(hidden, weight, tokens, temperature=1.0, return_entropy=False, tp_group=None, *, rows,
+                   chunk_tokens=None):
+    """Chunked token log-probs from hidden states with backend `rows`; see megatron_r1.ops.token_logprobs."""
+    _check_temperature(temperature)
+    return _TokenLogprobs.apply(hidden, weight, tokens, float(temperature),
+                                bool(return_entropy), tp_group, rows, chunk_tokens)
+
+
+def logprobs_from_logits(logits, tokens, temperature=1.0, return_entropy=False, tp_group=None, *, rows,
+                         chunk_tokens=None):
+    """Chunked token log-probs from (vocab-parallel) logits with backend `rows`."""
+    _check_temperature(temperature)
+    return _LogprobsFromLogits.apply(logits, tokens, float(temperature), bool(return_entropy), tp_group, rows,
+                                     chunk_tokens)
+
+
+def _check_temperature(temperature):
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
+class _FusedPolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, tp_group, rows, chunk_tokens, token_grad):
+        t = hidden.shape[0]
+        inv_temp = 1.0 / temperature
+        ops = _Operands(weight)
+        start = _tp.rank(tp_group) * weight.shape[0]
+        c = chunk_rows(t, weight.shape[0], chunk_tokens)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        logp = torch.empty(t, device=hidden.device)
+        loss = torch.zeros((), device=hidden.device)
+        for s in range(0, t, c):
+            e = min(s + c, t)
+            h = hidden[s:e]
+            x = ops.logits(h, inv_temp)
+            lse_c, tgt_c, _, state = _chunk_stats(rows, x, tokens[s:e], start, 1.0, False, tp_group)
+            logp[s:e] = tgt_c - lse_c
+            loss_c, g_c = token_grad(logp[s:e], s, e)
+            loss += loss_c
+            if not (want_h or want_w):
+                continue
+            gx = rows.grad_after_stats_(x, state, tokens[s:e], start, 1.0, lse_c, None, g_c, None)
+            if want_h:
+                grad_h[s:e] = ops.grad_hidden(gx).mul_(inv_temp)
+            if want_w:
+                ops.add_grad_weight_(grad_w, gx, h * inv_temp)
+        if want_h:
+            _tp.all_reduce_(grad_h, tp_group)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_logp):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = (grad_h * g_loss).to(ctx.dtypes[0])
+        if grad_w is not None:
+            grad_w = (grad_w * g_loss).to(ctx.dtypes[1])
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, ref_logprobs=None, clip_low=0.2,
+                      clip_high=0.2, kl_coef=0.0, kl_estimator="k3", loss_agg="seq-mean-token-mean",
+                      ratio_level="token", behavior_logprobs=None, tis_cap=None, temperature=1.0, tp_group=None,
+                      *, rows, chunk_tokens=None):
+    """GRPO loss straight from hidden states [B, L, H] and tokens [B, L]; returns (loss, metrics).
+
+    Same semantics as grpo_policy_loss(token_logprobs(...), ...). Metrics also hold `logprobs` [B, L] (detached).
+    """
+    cfg = PolicyLossConfig(clip_low, clip_high, kl_coef, kl_estimator, loss_agg, ratio_level, tis_cap)
+    _check_temperature(temperature)
+    b, l = tokens.shape
+    flat_h = hidden.reshape(b * l, hidden.shape[-1])
+    flat_tok = tokens.reshape(-1)
+    if cfg.ratio_level == "sequence":
+        # a sequence ratio couples every token of an answer, so no token's gradient is known chunk by chunk
+        from .reference import grpo_policy_loss
+
+        logp = token_logprobs(flat_h, weight, flat_tok, temperature, False, tp_group, rows=rows,
+                              chunk_tokens=chunk_tokens).view(b, l)
+        loss, metrics = grpo_policy_loss(logp, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
+                                         kl_coef, kl_estimator, loss_agg, ratio_level, behavior_logprobs, tis_cap)
+        metrics["logprobs"] = logp.detach()
+        return loss, metrics
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    if tis_cap is not None and behavior_logprobs is None:
+        raise ValueError("tis_cap needs behavior_logprobs")
+    mask = mask.bool()
+    old = old_logprobs.float().reshape(-1)
+    adv = advantages.float()[:, None].expand(b, l).reshape(-1)
+    m = mask.reshape(-1)
+    ref = ref_logprobs.float().reshape(-1) if ref_logprobs is not None else None
+    tis = tis_weights(old_logprobs, behavior_logprobs, mask, tis_cap).reshape(-1) if tis_cap is not None else None
+    w = aggregation_weights(mask, cfg.loss_agg).reshape(-1)
+    zero = torch.zeros((), device=hidden.device)
+
+    def token_grad(logp_c, s, e):
+        with torch.enable_grad():
+            lp = logp_c.detach().requires_grad_(True)
+            mk = m[s:e]
+            per_token, _, _ = token_terms(torch.where(mk, lp - old[s:e], zero), adv[s:e], mk, cfg, lp,
+                                          None if ref is None else ref[s:e], None if tis is None else tis[s:e])
+            total = (torch.where(mk, per_token, zero) * w[s:e]).sum()
+            (g,) = torch.autograd.grad(total, lp)
+        return total.detach(), g
+
+    loss, logp = _FusedPolicyLoss.apply(flat_h, weight, flat_tok, float(temperature), tp_group, rows,
+                                        chunk_tokens, token_grad)
+    logp = logp.view(b, l)
+    with torch.no_grad():
+        log_ratio = torch.where(mask, logp - old_logprobs.float(), zero)
+        _, ratio, kl = token_terms(log_ratio, advantages.float()[:, None], mask, cfg, logp,
+                                   None if ref_logprobs is None else ref_logprobs.float())
+        metrics = policy_metrics(ratio, advantages.float()[:, None].expand(b, l), mask, cfg, kl)
+    metrics["logprobs"] = logp
+    return loss, metrics
+
+
+def _zeros_like_or(g, like):
+    """g as contiguous fp32, or zeros shaped like `like` when autograd passed None."""
+    return torch.zeros_like(like, dtype=torch.float32) if g is None else g.float().contiguous()

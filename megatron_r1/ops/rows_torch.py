@@ -1,0 +1,79 @@
+"""Per-row log-softmax statistics and gradients in plain torch, written for CPU speed.
+
+A chunk of logits x [c, V] is the only large buffer: every pass transforms it in place, so the only other
+[c, V] allocation is one exp() buffer, and only when the entropy is asked for.
+"""
+import torch
+
+
+def _target_index(tokens, vocab_start, v_local):
+    local = tokens.long() - vocab_start
+    in_shard = (local >= 0) & (local < v_local)
+    return local.clamp(0, v_local - 1), in_shard
+
+
+def _add_onehot_(g, idx, in_shard, value):
+    g.scatter_add_(1, idx[:, None], torch.where(in_shard, value, torch.zeros_like(value))[:, None])
+    return g
+
+
+def _zeros_if_none(g, like):
+    return torch.zeros_like(like) if g is None else g.float()
+
+
+class TorchRows:
+    """Row primitives used by the chunk driver in chunked.py; `stats_` overwrites x with its own state."""
+
+    name = "torch"
+    stats_clobbers_input = True
+
+    def stats_(self, x, tokens, vocab_start, inv_temp, want_ent):
+        """Local (lse, target logit, E[z] or None) of z = x·inv_temp; leaves x as state for grad_after_stats_."""
+        if inv_temp != 1.0:
+            x.mul_(inv_temp)
+        idx, in_shard = _target_index(tokens, vocab_start, x.shape[1])
+        tgt = torch.where(in_shard, x.gather(1, idx[:, None])[:, 0], torch.zeros((), device=x.device))
+        m = x.amax(1)
+        x.sub_(m[:, None])
+        if want_ent:
+            e = torch.exp(x)
+            s = e.sum(1)
+            # batched dot products: E[z − m] without another [c, V] temporary
+            ez = torch.bmm(e[:, None, :], x[:, :, None])[:, 0, 0] / s + m
+            state = (m, e)
+        else:
+            x.exp_()
+            s = x.sum(1)
+            ez = None
+            state = (m, None)
+        return m + torch.log(s), tgt, in_shard, ez, state
+
+    def grad_after_stats_(self, x, state, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent):
+        """dL/dx in place of x, after stats_ left exp(z − m) (or z − m and its exp) there."""
+        m, e = state
+        g_lp = _zeros_if_none(g_lp, lse)
+        scale = torch.exp(m - lse)  # p = exp(z − m) · exp(m − lse)
+        if e is None:
+            x.mul_((-g_lp * scale * inv_temp)[:, None])
+        else:
+            # x holds z − m; log p = x − (lse − m); dH/dz = −p (log p + H)
+            g_ent = _zeros_if_none(g_ent, lse)
+            x.add_((ent - (lse - m))[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
+            x.mul_(e).mul_((-scale * inv_temp)[:, None])
+        idx, in_shard = _target_index(tokens, vocab_start, x.shape[1])
+        return _add_onehot_(x, idx, in_shard, g_lp * inv_temp)
+
+    def grad_from_logits(self, x, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent, out):
+        """dL/dx into `out` from raw logits x (fp32, scratch) and the global lse / entropy."""
+        g_lp = _zeros_if_none(g_lp, lse)
+        x.mul_(inv_temp).sub_(lse[:, None])  # log p
+        if g_ent is None:
+            x.exp_().mul_((-g_lp * inv_temp)[:, None])
+        else:
+            e = torch.exp(x)
+            x.add_(ent[:, None]).mul_(g_ent.float()[:, None]).add_(g_lp[:, None]).mul_(e).mul_(-inv_temp)
+        idx, in_shard = _target_index(tokens, vocab_start, x.shape[1])
+        _add_onehot_(x, idx, in_shard, g_lp * inv_temp)
+        if out is not x:
+            out.copy_(x)
+        return out
