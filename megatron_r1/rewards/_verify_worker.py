@@ -6,6 +6,7 @@ its own main thread, where math-verify's signal-based timeouts work; the parent 
 """
 import json
 import sys
+import time
 
 
 def _parse(text, parse, timeout):
@@ -24,11 +25,13 @@ def main() -> None:
     for line in sys.stdin:
         req = json.loads(line)
         timeout = max(1, int(req["timeout"]))
+        start = time.monotonic()
         try:
             gold = _parse(req["gold"], parse, timeout)
             pred = _parse(req["pred"], parse, timeout)
             ok = bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
-            reply = {"id": req["id"], "ok": ok}
+            # math-verify answers False when its own signal timeout fires; report that as the timeout it is.
+            reply = {"id": req["id"], "ok": ok, "timed_out": not ok and time.monotonic() - start >= 0.95 * timeout}
         except Exception as e:  # noqa: BLE001 - any failure of one comparison is reported, never fatal here
             reply = {"id": req["id"], "ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -18,6 +18,9 @@ _SCRIPT_LANGS = {
 # Latin-script languages told apart by lingua; restricting the set keeps it fast and reduces confusions.
 _LATIN_LANGS = ("en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "pl", "tr", "id", "vi")
 
+_SHORT_RUN = 2
+_MIXED_MIN_WORDS = 8  # below this, a run is judged as one language
+
 # A "word": one CJK character (those scripts do not separate words with spaces) or a run of letters.
 _WORD_RE = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W\d_]+")
 
@@ -52,11 +55,21 @@ def _latin_share(runs: list[list[str]], target: str) -> float:
     hits = 0.0
     for run in runs:
         text = " ".join(run)
-        sections = detector.detect_multiple_languages_of(text)
-        total = sum(s.word_count for s in sections)
-        if total:
-            good = sum(s.word_count for s in sections if s.language.iso_code_639_1.name.lower() == target)
+        if len(run) <= _SHORT_RUN:
+            # One or two words between formulas ("then", "so") are ambiguous across languages: count them unless
+            # the target is clearly less likely than the best guess.
+            conf = {c.language.iso_code_639_1.name.lower(): c.value for c in detector.compute_language_confidence_values(text)}
+            hits += len(run) * (conf.get(target, 0.0) >= 0.5 * max(conf.values(), default=0.0) > 0.0)
+            continue
+        sections = detector.detect_multiple_languages_of(text) if len(run) >= _MIXED_MIN_WORDS else []
+        if len(sections) > 1:  # genuinely mixed: credit the words of the target's sections
+            total = sum(sec.word_count for sec in sections)
+            good = sum(sec.word_count for sec in sections if sec.language.iso_code_639_1.name.lower() == target)
             hits += len(run) * good / total
+        else:
+            # Whole-text detection is more reliable than the section splitter on short or uniform runs.
+            lang = detector.detect_language_of(text)
+            hits += len(run) * (lang is not None and lang.iso_code_639_1.name.lower() == target)
     return hits
 
 

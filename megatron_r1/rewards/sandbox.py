@@ -132,12 +132,9 @@ def sandbox_capabilities(python: str | None = None) -> Capabilities:
     return caps
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process in session `sid` (the process group alone misses children that changed group)."""
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session `sid`, from /proc."""
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -147,11 +144,33 @@ def _kill_session(sid: int) -> None:
             continue
         # Fields after the ")" of the command name: state ppid pgrp session ...
         fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 3 and int(fields[3]) == sid:
+        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_session(sid: int, patience: float = 5.0) -> None:
+    """SIGKILL every process in session `sid` and wait until none is left alive.
+
+    The process group kill alone misses children that changed group; repeating covers children forked while the
+    first signals were in flight. Their zombies are reaped by init once their parent is gone.
+    """
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        members = [p for p in _session_members(sid) if p != sid]
+        if not members:
+            return
+        for pid in members:
             try:
-                os.kill(int(entry), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        time.sleep(0.01)
+    log.warning("sandbox: processes of session %d survived SIGKILL for %.0fs", sid, patience)
 
 
 def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),

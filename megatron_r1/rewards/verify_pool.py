@@ -130,7 +130,7 @@ class VerifyPool:
                         self._replace(w)
                         continue
                     reply = json.loads(line)
-                    results[idx] = Verdict(bool(reply["ok"]), error=reply.get("error"))
+                    results[idx] = Verdict(bool(reply["ok"]), bool(reply.get("timed_out")), reply.get("error"))
                 now = time.monotonic()
                 for w in [w for w in busy.values() if w.pending[1] <= now]:
                     results[w.pending[0]] = Verdict(False, timed_out=True)
