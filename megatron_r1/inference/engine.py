@@ -1,0 +1,375 @@
+"""`Engine`: continuous-batching generation on the trainer's Megatron model (KV cache, sampling, log-probs, refit).
+
+Scheduling, one `step()` at a time:
+1. drop aborted requests (their slot is freed at once);
+2. admit waiting requests into free cache slots (FIFO, bounded by `max_batch_size` and `max_prefill_tokens`)
+   and prefill them together (right-padded batch), sampling each one's first token;
+3. one batched decode step over every running request (per-row positions and length masks), then sampling.
+Running requests always occupy cache rows 0..n-1: when one finishes, the last row is moved into its place, so
+decode works on a view of the cache, never a gather.
+
+Every rank of a TP group (and, with EP > 1, every rank of the model) must submit the same requests in the same
+order: the schedule is deterministic, and the sampled tokens are broadcast from the group's first rank so all ranks
+agree even if their floating-point results differed.
+
+Refit (`refit()`): when the engine runs on the trainer's own modules the parameters are shared, so an optimizer
+step is already visible; `refit()` only bumps `weight_version` and invalidates the caches. With another source
+(a model of the same layout, or a full unsharded state dict from `weights.full_state_dict`) the tensors are copied
+in memory into the engine's model first. In-flight requests are re-prefilled on the new weights (their prompt plus
+the tokens generated so far) at the next step.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.errors import UserError
+from megatron_r1.inference.functional import FunctionalGPT
+from megatron_r1.inference.sampling import SamplingParams, sample
+
+
+class QueueFullError(UserError):
+    """The engine's waiting queue is at `max_queue`; the server answers 503."""
+
+
+@dataclass
+class GenerationResult:
+    """One finished request: what the RL trainer and the server read."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens (a stop token is included; a stop string's text is cut from `text`)
+    logprobs: list[float]  # log p(token) at the request's temperature: the behaviour policy (see sampling.py)
+    raw_logprobs: list[float]  # log p(token) at temperature 1
+    text: Optional[str]  # decoded generated text when the engine has a tokenizer
+    finish_reason: str  # "stop" | "length" | "abort"
+    weight_version: int  # engine weight version when the request finished
+
+
+@dataclass
+class Request:
+    """A request inside the engine (mutated only by the engine thread, except `cancelled`)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: Optional[torch.Generator]
+    on_update: Optional[Callable[["Request"], None]] = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: Optional[str] = None
+    cancelled: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Optional[GenerationResult] = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.tokens)
+
+
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+class Engine:
+    """Generation on a Megatron GPTModel in-process; see the module docstring."""
+
+    def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
+                 max_queue: int = 1024, max_prefill_tokens: int = 8192, mla_absorb: bool = True, seed: int = 0):
+        from megatron.core import parallel_state as ps
+
+        self.model = unwrap_model(model)
+        self.tokenizer = tokenizer
+        self.fn = FunctionalGPT(self.model, max_seq=max_seq_len, mla_absorb=mla_absorb)
+        self.max_seq_len = self.fn.max_seq
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue = int(max_queue)
+        self.max_prefill_tokens = int(max_prefill_tokens)
+        self.cache = self.fn.new_cache(self.max_batch_size)
+        self.weight_version = 0
+        self._default_gen = torch.Generator().manual_seed(seed)
+        self._ids = itertools.count()
+        self._waiting: deque[Request] = deque()
+        self._rows: list[Request] = []  # running requests; index = cache row
+        self._last = torch.zeros(self.max_batch_size, dtype=torch.long)  # token to feed at the next decode
+        self._lock = threading.Lock()  # guards _waiting and request submission / abort
+        self._step_lock = threading.Lock()  # one scheduler step (or refit) at a time
+        self._wake = threading.Condition(self._lock)
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+        # Groups whose ranks must sample the same tokens (see module docstring).
+        self._sync_group, self._sync_src = None, 0
+        if ps.is_initialized() and dist.is_initialized():
+            if self.fn.expert_group is not None and dist.get_world_size(self.fn.expert_group) > 1:
+                self._sync_group, self._sync_src = dist.group.WORLD, 0
+            elif self.fn.tp_size > 1:
+                self._sync_group = self.fn.tp_group
+                self._sync_src = ps.get_tensor_model_parallel_src_rank()
+        self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "refits": 0,
+                      "last_refit_seconds": 0.0}
+
+    # ------------------------------------------------------------------------------------------ submission
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._rows)
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None,
+                    on_update: Optional[Callable[[Request], None]] = None) -> Request:
+        """Queue a request (thread-safe). Raises UserError for a bad prompt, QueueFullError when the queue is full."""
+        params = (params or SamplingParams()).validate()
+        prompt = [int(t) for t in prompt_token_ids]
+        if not prompt:
+            raise UserError("the prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise UserError(f"the prompt has {len(prompt)} tokens; the context is {self.max_seq_len} tokens "
+                            "(prompt + at least one new token must fit)")
+        vocab = self.fn.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise UserError(f"prompt token ids must be in [0, {vocab})")
+        gen = torch.Generator().manual_seed(int(params.seed)) if params.seed is not None else None
+        req = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, on_update)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
+            self._waiting.append(req)
+            self._wake.notify()
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Cancel a request (thread-safe); its slot is freed at the next step boundary."""
+        req.cancelled = True
+        with self._lock:
+            self._wake.notify()
+
+    # ------------------------------------------------------------------------------------------ stepping
+    def step(self) -> list[Request]:
+        """One scheduler step; returns the requests that finished in it."""
+        with self._step_lock:
+            finished: list[Request] = []
+            self._drop_cancelled(finished)
+            self._admit_and_prefill(finished)
+            if self._rows:
+                self._decode(finished)
+            return finished
+
+    def _drop_cancelled(self, finished):
+        with self._lock:
+            for req in [r for r in self._waiting if r.cancelled]:
+                self._waiting.remove(req)
+                self._finish(req, "abort", finished)
+        for row in reversed(range(len(self._rows))):
+            if self._rows[row].cancelled:
+                self._finish(self._rows[row], "abort", finished, row)
+
+    def _admit_and_prefill(self, finished):
+        batch: list[Request] = []
+        with self._lock:
+            budget = self.max_prefill_tokens
+            while self._waiting and len(self._rows) + len(batch) < self.max_batch_size:
+                req = self._waiting[0]
+                if batch and req.length > budget:
+                    break
+                budget -= req.length
+                batch.append(self._waiting.popleft())
+        if not batch:
+            return
+        row0 = len(self._rows)
+        T = max(r.length for r in batch)
+        tokens = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids = r.prompt + r.tokens  # resumed requests (after a refit) re-prefill what they generated so far
+            tokens[i, :len(ids)] = torch.tensor(ids)
+        lengths = torch.tensor([r.length for r in batch])
+        logits = self.fn.prefill(tokens, lengths, self.cache, row0=row0)
+        self._rows.extend(batch)
+        self.stats["prompt_tokens"] += int(lengths.sum())
+        self._sample_and_advance(logits, list(range(row0, row0 + len(batch))), finished)
+
+    def _decode(self, finished):
+        n = len(self._rows)
+        pos = torch.tensor([r.length - 1 for r in self._rows])
+        logits = self.fn.decode(self._last[:n], pos, self.cache)
+        self._sample_and_advance(logits, list(range(n)), finished)
+
+    def _sample_and_advance(self, logits, rows: list[int], finished):
+        reqs = [self._rows[i] for i in rows]
+        tokens, lp, raw = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self._default_gen)
+        if self._sync_group is not None:
+            packed = torch.stack([tokens.double(), lp.double(), raw.double()])
+            dist.broadcast(packed, src=self._sync_src, group=self._sync_group)
+            tokens, lp, raw = packed[0].long(), packed[1], packed[2]
+        self._last[rows[0]:rows[-1] + 1] = tokens
+        now = time.monotonic()
+        done_rows = []
+        for j, (req, t) in enumerate(zip(reqs, tokens.tolist())):
+            req.tokens.append(t)
+            req.logprobs.append(float(lp[j]))
+            req.raw_logprobs.append(float(raw[j]))
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req, t)
+            if reason is not None:
+                done_rows.append((rows[j], reason))
+            elif req.on_update is not None:
+                req.on_update(req)
+        self.stats["generated_tokens"] += len(reqs)
+        for row, reason in sorted(done_rows, reverse=True):  # highest row first keeps lower rows valid
+            self._finish(self._rows[row], reason, finished, row)
+
+    def _stop_reason(self, req: Request, token: int) -> Optional[str]:
+        p = req.params
+        if token in p.stop_token_ids or (token == self.eos_id and not p.ignore_eos):
+            self._update_text(req, drop_last=token == self.eos_id)
+            return "stop"
+        self._update_text(req)
+        if p.stop and self.tokenizer is not None:
+            for s in p.stop:
+                cut = req.text.find(s)
+                if cut >= 0:
+                    req.text = req.text[:cut]
+                    return "stop"
+        if len(req.tokens) >= p.max_tokens or req.length >= self.max_seq_len:
+            return "length"
+        return None
+
+    def _update_text(self, req: Request, drop_last: bool = False):
+        if self.tokenizer is None:
+            return
+        ids = req.tokens[:-1] if drop_last else req.tokens
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab is not None:  # ids in the padded part of the vocab have no text
+            ids = [t for t in ids if t < vocab]
+        req.text = self.tokenizer.decode(ids)
+
+    def _finish(self, req: Request, reason: str, finished: list, row: Optional[int] = None):
+        if row is not None:
+            last = len(self._rows) - 1
+            if row != last:
+                moved = self._rows[last]
+                self.cache.move_row(last, row, moved.length)
+                self._last[row] = self._last[last]
+                self._rows[row] = moved
+            self._rows.pop()
+        req.finish_reason = reason
+        req.result = GenerationResult(req.request_id, req.prompt, list(req.tokens), list(req.logprobs),
+                                      list(req.raw_logprobs), req.text if self.tokenizer is not None else None,
+                                      reason, self.weight_version)
+        self.stats["requests_finished"] += 1
+        finished.append(req)
+        req.done.set()
+        if req.on_update is not None:
+            req.on_update(req)
+
+    # ------------------------------------------------------------------------------------------ batch API
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]],
+                 sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[GenerationResult]:
+        """Generate for every prompt (same order) through the continuous-batching scheduler.
+
+        In a TP (or EP) group every rank calls this with the same arguments and gets the same results.
+        """
+        if sampling is None or isinstance(sampling, SamplingParams):
+            sampling = [sampling or SamplingParams()] * len(prompts_token_ids)
+        if len(sampling) != len(prompts_token_ids):
+            raise UserError(f"{len(sampling)} SamplingParams for {len(prompts_token_ids)} prompts")
+        reqs = []
+        for ids, sp in zip(prompts_token_ids, sampling):
+            while True:
+                try:
+                    reqs.append(self.add_request(ids, sp))
+                    break
+                except QueueFullError:
+                    if self._thread is None:
+                        self.step()  # make room by running the scheduler ourselves
+                    else:
+                        time.sleep(0.001)
+        if self._thread is not None:
+            for r in reqs:
+                r.done.wait()
+        else:
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
+        return [r.result for r in reqs]
+
+    # ------------------------------------------------------------------------------------------ refit
+    def refit(self, source=None) -> float:
+        """Serve new weights from now on; returns the seconds it took.
+
+        `source`: None or the engine's own model (parameters shared with the trainer: nothing to copy); another
+        model with the same layout (parameters copied in memory); or a full, unsharded state dict (e.g.
+        `weights.full_state_dict(trainer_model)`), sliced into this rank's TP/EP shards and copied.
+        Caches are invalidated: running requests are re-prefilled on the new weights.
+        """
+        from megatron_r1.inference import weights
+
+        t0 = time.perf_counter()
+        with self._step_lock:
+            if source is not None:
+                src = unwrap_model(source) if isinstance(source, torch.nn.Module) else source
+                if src is not self.model:
+                    if isinstance(src, torch.nn.Module):
+                        weights.copy_same_layout(src, self.model)
+                    else:
+                        weights.load_full_state_dict(self.model, src)
+            self.weight_version += 1
+            # the cached K/V (latents) came from the old weights: re-prefill running requests, oldest first
+            with self._lock:
+                self._waiting.extendleft(reversed(self._rows))
+            self._rows = []
+        dt = time.perf_counter() - t0
+        self.stats["refits"] += 1
+        self.stats["last_refit_seconds"] = dt
+        return dt
+
+    # ------------------------------------------------------------------------------------------ background loop
+    def start(self) -> None:
+        """Run the scheduler in a background thread (the HTTP server's mode)."""
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="megatron-r1-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background thread; unfinished requests are aborted."""
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._step_lock:
+            for r in list(self._waiting) + list(self._rows):
+                r.cancelled = True
+            self._drop_cancelled([])
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not (self._waiting or self._rows):
+                    self._wake.wait(timeout=1.0)
+                if self._stop:
+                    return
+            self.step()

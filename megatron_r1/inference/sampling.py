@@ -1,0 +1,99 @@
+"""Per-request sampling parameters and the batched sampler.
+
+Log-probs returned with each sampled token (the behaviour policy for truncated importance sampling):
+- `logprobs[t]`: log p(token) under softmax(logits / T), T = the request's temperature (T = 1 for greedy). This is
+  what the RL trainer compares against its own recompute at the same temperature.
+- `raw_logprobs[t]`: log p(token) under softmax(logits) (temperature 1), for evaluation and KL diagnostics.
+Both cover the model's whole (padded) vocabulary, the same normalisation as `megatron_r1.ops` log-probs. top-k /
+top-p truncation changes which tokens can be drawn but is not folded into the returned log-probs (RL rollouts use
+top_p = 1, top_k = 0, where the two coincide).
+
+Seeds: a request with a seed draws its noise from its own `torch.Generator`, one uniform vector over the vocab per
+step (Gumbel/exponential race), so its text does not depend on which other requests share the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_r1.errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    """How one request is sampled and when it stops."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    max_tokens: int = 64  # new tokens at most (finish_reason "length" when reached)
+    seed: Optional[int] = None  # same seed (and prompt and weights) -> same tokens
+    stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer); not included in `text`
+    stop_token_ids: list[int] = field(default_factory=list)  # generation ends after one of these tokens
+    ignore_eos: bool = False  # do not stop at the tokenizer's end-of-sequence token
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise UserError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[Optional[torch.Generator]],
+           default_gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row of logits [B, V]. Returns (tokens [B], logprobs [B], raw_logprobs [B]).
+
+    Batched except for the per-request noise draw (one small call per seeded row).
+    """
+    logits = logits.float()
+    B, V = logits.shape
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    raw_lp = torch.log_softmax(logits, dim=-1)
+    scaled = logits / temps[:, None]
+    lp = torch.log_softmax(scaled, dim=-1) if bool((temps != 1.0).any()) else raw_lp
+    greedy = torch.tensor([p.greedy for p in params])
+    tokens = torch.empty(B, dtype=torch.long)
+    if bool(greedy.any()):
+        tokens[greedy] = logits[greedy].argmax(-1)
+    if not bool(greedy.all()):
+        idx = (~greedy).nonzero().squeeze(-1)
+        rows_lp = lp[idx]
+        ks = [params[i].top_k for i in idx.tolist()]
+        ps = [params[i].top_p for i in idx.tolist()]
+        if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
+            rows_lp = _truncate(rows_lp, ks, ps)
+        # exponential race: argmax p / E with E ~ Exp(1) is a draw from p; noise from the request's generator
+        noise = torch.empty_like(rows_lp)
+        for j, i in enumerate(idx.tolist()):
+            gen = generators[i] if generators[i] is not None else default_gen
+            noise[j].uniform_(generator=gen)
+        gumbel_like = rows_lp - torch.log(-torch.log(noise.clamp_min(1e-20)))
+        tokens[idx] = gumbel_like.argmax(-1)
+    ar = torch.arange(B)
+    return tokens, lp[ar, tokens], raw_lp[ar, tokens]
+
+
+def _truncate(lp: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
+    """Set log-probs outside each row's top-k / nucleus to -inf."""
+    sorted_lp, order = lp.sort(dim=-1, descending=True)
+    V = lp.shape[-1]
+    rank = torch.arange(V)[None, :]
+    k = torch.tensor([kk if kk > 0 else V for kk in ks])[:, None]
+    drop = rank >= k
+    p = torch.tensor(ps)[:, None]
+    cum = sorted_lp.exp().cumsum(-1)
+    # keep a token while the mass before it is < top_p (the most likely token is always kept)
+    drop |= (cum - sorted_lp.exp()) >= p
+    sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+    return torch.empty_like(lp).scatter_(1, order, sorted_lp)

@@ -1,0 +1,143 @@
+"""In-memory weight transfer between Megatron models of different layouts (refit without disk).
+
+A *full* state dict holds every tensor unsharded, named as a TP=1 / EP=1 model names it (global expert indices,
+SwiGLU fc1 as [gate; up]). `full_state_dict(model)` gathers one from a (TP/EP-sharded) model — every rank of the
+model's groups must call it; `load_full_state_dict(model, full)` slices it into this rank's shards. Together they
+move the trainer's weights into an engine with another TP size or dtype. Expert tensor parallelism (ETP > 1) is
+not supported here (DeepSeek-V3 uses ETP = 1).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.errors import CheckpointError
+
+_EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_initialized():
+        return None, 1, 0, None, 1, 0
+    tp, ep = ps.get_tensor_model_parallel_group(), ps.get_expert_model_parallel_group()
+    if ps.get_expert_tensor_parallel_world_size() > 1:
+        raise CheckpointError("weight refit across layouts does not support expert tensor parallelism > 1")
+    return (tp, dist.get_world_size(tp), dist.get_rank(tp), ep, dist.get_world_size(ep), dist.get_rank(ep))
+
+
+def _tensors(model):
+    """Parameters and persistent-or-routing buffers (expert_bias) by name."""
+    out = dict(model.named_parameters())
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            out[name] = buf
+    return out
+
+
+def _is_gated_fc1(name: str, model) -> bool:
+    return name.endswith("linear_fc1.weight") and model.config.gated_linear_unit
+
+
+def _num_local_experts(model) -> int:
+    for m in model.modules():
+        if hasattr(m, "local_experts"):
+            return len(m.local_experts)
+    return 0
+
+
+def _global_name(name: str, ep_rank: int, n_local: int) -> str:
+    m = _EXPERT.match(name)
+    return f"{m.group(1)}{ep_rank * n_local + int(m.group(2))}{m.group(3)}" if m else name
+
+
+def _is_tp_sharded(t, name: str) -> bool:
+    # Experts are EP-sharded (ETP = 1): whole on each rank, even if Megatron marks them tensor_model_parallel.
+    return bool(getattr(t, "tensor_model_parallel", False)) and not _EXPERT.match(name)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every tensor of `model` unsharded (gathered over TP and EP); collective over the model's groups."""
+    from megatron_r1.inference.engine import unwrap_model
+
+    model = unwrap_model(model)
+    tp, tp_size, _, ep, ep_size, ep_rank = _groups()
+    n_local = _num_local_experts(model)
+    full = {}
+    for name, t in _tensors(model).items():
+        t = t.detach()
+        if _is_tp_sharded(t, name) and tp_size > 1:
+            parts = [torch.empty_like(t) for _ in range(tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=tp)
+            dim = t.partition_dim
+            if _is_gated_fc1(name, model):  # each shard is [gate_r; up_r]
+                gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
+                full[name] = torch.cat(list(gates) + list(ups), dim=0)
+            else:
+                full[name] = torch.cat(parts, dim=dim)
+        elif _EXPERT.match(name) and ep_size > 1:
+            parts = [torch.empty_like(t) for _ in range(ep_size)]
+            dist.all_gather(parts, t.contiguous(), group=ep)
+            for r, p in enumerate(parts):
+                full[_global_name(name, r, n_local)] = p.clone()
+        else:
+            full[_global_name(name, ep_rank, n_local)] = t.clone()
+    return full
+
+
+def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
+    """Copy a full state dict into this rank's shards of `model` (in place, any dtype; vocab padding adapted)."""
+    from megatron_r1.inference.engine import unwrap_model
+
+    model = unwrap_model(model)
+    _, tp_size, tp_rank, _, _, ep_rank = _groups()
+    n_local = _num_local_experts(model)
+    mine = _tensors(model)
+    missing = [_global_name(n, ep_rank, n_local) for n in mine if _global_name(n, ep_rank, n_local) not in full]
+    if missing:
+        raise CheckpointError(f"refit: the source has no tensor for {missing[:3]} (and {max(0, len(missing) - 3)} "
+                              "more): the models differ in architecture")
+    with torch.no_grad():
+        for name, t in mine.items():
+            src = full[_global_name(name, ep_rank, n_local)]
+            if _is_tp_sharded(t, name) and tp_size > 1:
+                dim = t.partition_dim
+                if _is_gated_fc1(name, model):
+                    gate, up = src.chunk(2, dim=0)
+                    src = torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
+                else:
+                    src = _fit_rows(src, t.shape[dim] * tp_size, dim, name).chunk(tp_size, dim)[tp_rank]
+            elif src.shape != t.shape:
+                src = _fit_rows(src, t.shape[0], 0, name)
+            if src.shape != t.shape:
+                raise CheckpointError(f"refit: {name} has shape {tuple(src.shape)} in the source, "
+                                      f"{tuple(t.shape)} here")
+            t.copy_(src)
+
+
+def _fit_rows(src, rows: int, dim: int, name: str):
+    """Vocab padding differs between TP sizes: pad with zeros or drop padded rows of embedding / output layers."""
+    if src.shape[dim] == rows or "word_embeddings" not in name and "output_layer" not in name:
+        return src
+    if src.shape[dim] > rows:
+        return src.narrow(dim, 0, rows)
+    pad = list(src.shape)
+    pad[dim] = rows - src.shape[dim]
+    return torch.cat([src, src.new_zeros(pad)], dim=dim)
+
+
+def copy_same_layout(src_model, dst_model) -> None:
+    """Copy every tensor of `src_model` into `dst_model` (same names and shard shapes; dtype may differ)."""
+    src, dst = _tensors(src_model), _tensors(dst_model)
+    if src.keys() != dst.keys():
+        diff = sorted(set(src) ^ set(dst))[:3]
+        raise CheckpointError(f"refit: source and engine models differ (e.g. {diff}); pass a full state dict")
+    with torch.no_grad():
+        for name, t in dst.items():
+            if t.shape != src[name].shape:
+                raise CheckpointError(f"refit: {name} is {tuple(src[name].shape)} in the source, {tuple(t.shape)} "
+                                      "here; pass weights.full_state_dict(source) to reshard")
+            t.copy_(src[name])
