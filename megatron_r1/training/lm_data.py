@@ -78,24 +78,30 @@ def pack_documents(docs: Sequence[list[int]], seq_length: int, pad_id: int, eos_
 class PackedLMDataset:
     """Windows of tokens served as micro-batches for one data-parallel rank, in a seeded order per epoch."""
 
-    def __init__(self, windows: torch.Tensor, pad_id: int, seed: int):
+    def __init__(self, windows: torch.Tensor, pad_id: int, seed: int, target_mask: torch.Tensor | None = None):
+        """`target_mask` [num_windows, seq_length + 1] marks tokens that are trained on as labels (SFT: the
+        response); by default every non-pad token is."""
         if windows.numel() == 0:
-            raise DataError("pre-training data: no documents after tokenization")
+            raise DataError("training data: no documents after tokenization")
         self.windows = windows
         self.pad_id = pad_id
         self.seed = seed
+        self.target_mask = target_mask
 
     def __len__(self) -> int:
         return self.windows.shape[0]
 
     def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        return torch.randperm(len(self), generator=g)
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._order_cache = cached = (epoch, torch.randperm(len(self), generator=g))
+        return cached[1]
 
-    def sample(self, index: int) -> torch.Tensor:
-        """The `index`-th window in the global stream (epochs chained)."""
+    def row(self, index: int) -> int:
+        """Which window is the `index`-th of the global stream (epochs chained)."""
         epoch, pos = divmod(index, len(self))
-        return self.windows[self._order(epoch)[pos]]
+        return int(self._order(epoch)[pos])
 
     def micro_batches(self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int,
                       dp_size: int) -> Iterator[LMBatch]:
@@ -103,12 +109,15 @@ class PackedLMDataset:
         per_rank = global_batch // dp_size
         start = consumed_samples + dp_rank * per_rank
         for m in range(per_rank // micro_batch):
-            idx = [start + m * micro_batch + i for i in range(micro_batch)]
-            yield self.make_batch(torch.stack([self.sample(i) for i in idx]))
+            yield self.make_batch([self.row(start + m * micro_batch + i) for i in range(micro_batch)])
 
-    def make_batch(self, rows: torch.Tensor) -> LMBatch:
-        tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-        loss_mask = (labels != self.pad_id).float()
+    def make_batch(self, rows: list[int]) -> LMBatch:
+        data = self.windows[rows]
+        tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        if self.target_mask is not None:
+            loss_mask = self.target_mask[rows][:, 1:].float().contiguous()
+        else:
+            loss_mask = (labels != self.pad_id).float()
         pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
         return LMBatch(tokens=tokens, labels=labels, loss_mask=loss_mask, position_ids=pos)
 
