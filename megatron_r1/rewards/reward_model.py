@@ -1,0 +1,124 @@
+"""The neural reward model of R1's all-scenario RL stage: the Megatron model with a scalar head on the last token.
+
+Trained with the Bradley–Terry pairwise loss on (prompt, chosen, rejected) preferences (`stage: reward_model`);
+used as the `reward_model` reward, scoring (prompt, completion) for helpfulness and harmlessness.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_r1.models.heads import hidden_states_output
+from megatron_r1.rewards.registry import register_reward
+
+
+class RewardModel(MegatronModule):
+    """GPTModel trunk + a linear scalar head read at each sequence's last real token.
+
+    The head is replicated on every TP rank (its input, the gathered hidden state, is identical there, so its
+    gradients are too); it lives on the last pipeline stage.
+    """
+
+    def __init__(self, lm):
+        super().__init__(config=lm.config)
+        self.lm = lm
+        self.post_process = lm.post_process
+        self.head = torch.nn.Linear(lm.config.hidden_size, 1, bias=True, dtype=lm.config.params_dtype)
+        torch.nn.init.normal_(self.head.weight, std=lm.config.init_method_std)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def set_input_tensor(self, input_tensor):
+        self.lm.set_input_tensor(input_tensor)
+
+    def forward(self, tokens, position_ids, attention_mask, last_index):
+        with hidden_states_output(self.lm):
+            hidden = self.lm(tokens, position_ids, attention_mask)
+        if not self.post_process:
+            return hidden
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.head(hidden[rows, last_index]).squeeze(-1).float()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        sd = self.lm.sharded_state_dict(prefix=f"{prefix}lm.", sharded_offsets=sharded_offsets, metadata=metadata)
+        if self.post_process:
+            head = self.head.state_dict(prefix="", keep_vars=True)
+            sd.update(make_sharded_tensors_for_checkpoint(head, f"{prefix}head.", {}, sharded_offsets))
+        return sd
+
+
+def bradley_terry_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of rows [chosen_0, rejected_0, chosen_1, ...] -> (−log σ(s_c − s_r) mean, pairwise accuracy)."""
+    chosen, rejected = scores[0::2], scores[1::2]
+    margin = chosen - rejected
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+def encode_pairs(tokenizer, template, prompt_completions: list[tuple[str, str]], seq_length: int):
+    """Token rows for (prompt, completion) pairs, right-padded; the index of each row's last real token (EOS)."""
+    rows, last = [], []
+    for prompt, completion in prompt_completions:
+        ids = tokenizer.encode(template.format(prompt)) + tokenizer.encode(completion) + [tokenizer.eos_id]
+        ids = ids[-seq_length:]  # keep the end: the completion is what is judged
+        rows.append(ids)
+        last.append(len(ids) - 1)
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    pos = torch.arange(width).unsqueeze(0).expand(len(rows), -1).contiguous()
+    return tokens, pos, torch.tensor(last, dtype=torch.long)
+
+
+def build_reward_model(cfg):
+    from megatron_r1.models import build_model
+
+    return RewardModel(build_model(cfg.model, cfg.parallel, cfg.training.precision))
+
+
+@register_reward("reward_model")
+class RewardModelScorer:
+    """Reward = the trained reward model's score of (prompt, completion). Every TP rank must call it together.
+
+    Options: `checkpoint` (a reward-model checkpoint directory; its config.yaml gives model and tokenizer),
+    `scale` and `shift` (applied to the raw score), `batch_size`.
+    """
+
+    def __init__(self, checkpoint: str, scale: float = 1.0, shift: float = 0.0, batch_size: int = 32):
+        from megatron_r1.checkpoint import checkpoint_config_yaml, load_model_only
+        from megatron_r1.config import config_from_dict
+        from megatron_r1.data.templates import get_template
+        from megatron_r1.data.tokenizer import load_tokenizer
+        from megatron_r1.errors import ConfigError
+
+        import yaml
+
+        text = checkpoint_config_yaml(checkpoint)
+        if text is None:
+            raise ConfigError(f"reward 'reward_model': {checkpoint} has no config.yaml (not a reward-model checkpoint?)")
+        cfg = config_from_dict(yaml.safe_load(text), source=str(Path(checkpoint) / "config.yaml"))
+        self.cfg = cfg
+        self.model = build_reward_model(cfg)
+        load_model_only(self.model, checkpoint)
+        self.model.eval()
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path)
+        self.template = get_template(cfg.data.template)
+        self.scale, self.shift, self.batch_size = scale, shift, batch_size
+
+    @torch.no_grad()
+    def scores(self, prompts: list[str], completions: list[str]) -> list[float]:
+        out = []
+        device = next(self.model.parameters()).device
+        for s in range(0, len(prompts), self.batch_size):
+            pairs = list(zip(prompts[s:s + self.batch_size], completions[s:s + self.batch_size]))
+            tokens, pos, last = encode_pairs(self.tokenizer, self.template, pairs, self.cfg.model.seq_length)
+            out += self.model(tokens.to(device), pos.to(device), None, last.to(device)).tolist()
+        return [self.scale * v + self.shift for v in out]
+
+    def __call__(self, completions: list[str], samples: list[dict]) -> list[float]:
+        return self.scores([s["prompt"] for s in samples], completions)
