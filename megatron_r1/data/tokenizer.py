@@ -63,12 +63,19 @@ class DemoTokenizer(Tokenizer):
         self.pad_id, self.eos_id, self.bos_id = (self.ids[s] for s in _SPECIALS)
         self._byte_base = self.ids["<0x80>"]
 
-    def _encode_piece(self, piece: str, out: list[int]) -> None:
+    def _text_id(self, piece: str) -> int | None:
+        """The id of `piece` if text may produce it: specials and padding are never produced from text."""
         tid = self.ids.get(piece)
-        if tid is not None and tid >= len(_SPECIALS):  # specials are never produced from text
+        if tid is None or tid < len(_SPECIALS) or self.vocab[tid].startswith(("<unused", "<0x")):
+            return None
+        return tid
+
+    def _encode_piece(self, piece: str, out: list[int]) -> None:
+        tid = self._text_id(piece)
+        if tid is not None:
             out.append(tid)
-        elif len(piece) > 1 and piece[0] == " " and piece[1:] in self.ids:
-            out += [self.ids[" "], self.ids[piece[1:]]]
+        elif len(piece) > 1 and piece[0] == " " and self._text_id(piece[1:]) is not None:
+            out += [self.ids[" "], self._text_id(piece[1:])]
         else:
             for ch in piece:
                 cid = self.ids.get(ch)

@@ -42,7 +42,7 @@ def available_rewards() -> list[str]:
 
 def _load_builtins() -> None:
     # Imported for their @register_reward side effect; deferred so `registry` has no import cycle.
-    from megatron_r1.rewards import accuracy, code, format, language  # noqa: F401
+    from megatron_r1.rewards import accuracy, code, countdown, format, language  # noqa: F401
 
 
 def _resolve(name: str):
