@@ -45,9 +45,7 @@ def data_cli(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "preview":
         options = {k: _option_value(v) for k, v in args.option}
-        if args.source.startswith("builtin:"):
-            options.setdefault("num_samples", 100)
-        elif options:
+        if options and not args.source.startswith("builtin:"):
             raise ConfigError("--option applies to builtin: sources only")
         print(preview(args.source, args.template, args.n, dict(args.field) or None, args.split, args.skip_bad_rows,
                       args.tokenizer, **options))
