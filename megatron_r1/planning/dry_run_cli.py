@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, as given to the stage command")
     ap.add_argument("--world-size", type=int, required=True, help="NNODES × GPUS_PER_NODE")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args = ap.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
         print(dry_run(cfg, args.world_size, gpu_memory_gb=args.gpu_memory_gb, source=args.config))
