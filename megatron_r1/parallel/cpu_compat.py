@@ -186,6 +186,10 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",  # (13) grad buffers on the current device
     "megatron.core.optimizer.optimizer",  # (14) found-inf / loss-scale tensors made with device='cuda'
     "megatron.core.optimizer.clip_grads",  # (14) the grad-norm all-reduce tensor
+    "megatron.core.utils",  # (15) the fallback multi-tensor L2 norm puts its result on device="cuda"
+    # (16) dist_checkpointing's writer synchronises the GPU and builds its failure flag on the current device
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 
 
@@ -222,6 +226,25 @@ def _patch_all_to_all():
     mappings._AllToAll._megatron_r1_cpu = True
 
 
+# ------------------------------------------------------------------ (17) gradient clipping asserts CUDA grads
+def cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip_grad_by_total_norm_fp32 without its `grad.type() == 'torch.cuda.FloatTensor'` assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_clip_grads():
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = cpu_clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = cpu_clip_grad_by_total_norm_fp32
+
+
 def install() -> bool:
     """Install the bridges when CUDA is absent; returns True if they are (idempotent).
 
@@ -243,6 +266,7 @@ def install() -> bool:
     for name in CUDA_LITERAL_MODULES:
         importlib.import_module(name).torch = shim
     _patch_all_to_all()
+    _patch_clip_grads()
     # (6) Without Transformer Engine its extension module still imports with mock objects, so modules believe
     # TE is there; tell them the truth so they take their pure-torch paths.
     _disable_te_flags()
