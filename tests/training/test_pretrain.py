@@ -53,7 +53,8 @@ def _nan_step(rank, world):
     from megatron_r1.parallel import init_parallel
     from megatron_r1.training import build_train_state, train_step
 
-    cfg = config_from_dict({"model": TINY, "training": {"micro_batch_size": 2, "global_batch_size": 2}})
+    cfg = config_from_dict({"model": TINY, "training": {"micro_batch_size": 2, "global_batch_size": 2},
+                            "optimizer": {"lr_warmup_steps": 0}})
     ctx = init_parallel(cfg.parallel, 1)
     state = build_train_state(cfg, ctx, 10)
     # Parameters, not buffers: the router's balancing bias follows token counts, which a NaN loss leaves valid.
