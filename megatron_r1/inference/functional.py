@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_r1.errors import ConfigError
+from megatron_r1.models.local_layers import RMSNorm
 
 
 # ----------------------------------------------------------------------------------------------- collectives
@@ -168,17 +169,26 @@ class FunctionalGPT:
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
         return _all_reduce(x, self.tp_group)
 
+    def _norm(self, mod, x):
+        # torch's fused rms_norm equals our RMSNorm module in fp32; other dtypes/modules run the module itself
+        if type(mod) is RMSNorm and x.dtype == torch.float32 and mod.weight.dtype == torch.float32:
+            return F.rms_norm(x, mod.weight.shape, mod.weight, mod.eps)
+        return mod(x)
+
     def _logits(self, h):
         m = self.model
         w = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
         return _all_gather_last(F.linear(h, w), self.tp_group)
 
-    def _rope(self, x, pos, deinterleave: bool):
-        """Megatron's non-fused RoPE on x [..., T, heads, d] with per-token positions pos [..., T]."""
+    def _tables(self, pos):
+        """cos/sin rows [B, T, 1, d] for positions pos [B, T]: gathered once per forward, shared by all layers."""
+        return self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)
+
+    def _rope(self, x, rope, deinterleave: bool):
+        """Megatron's non-fused RoPE on x [B, T, heads, d] with the step's tables `rope` = (cos, sin)."""
         if deinterleave:  # MLA: rope dims arrive interleaved (x0, x1, x2, ...) and are regrouped first
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-        cos = self.cos[pos].unsqueeze(-2)
-        sin = self.sin[pos].unsqueeze(-2)
+        cos, sin = rope
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -239,7 +249,7 @@ class FunctionalGPT:
         return self._moe(mlp, x) if hasattr(mlp, "router") else self._mlp(mlp, x)
 
     # ---------------------------------------------------------------------------------- attention
-    def _mla_project(self, attn, x, pos):
+    def _mla_project(self, attn, x, rope):
         """q [B,T,H,dn+dr] (roped) and the cache entry cat(c_kv, k_pe) [B,T,c+dr] for hidden x [B,T,h]."""
         cfg = self.cfg
         if cfg.q_lora_rank is not None:
@@ -249,11 +259,11 @@ class FunctionalGPT:
             q = F.linear(x, attn.linear_q_proj.weight)
         q = q.view(*q.shape[:-1], self.heads, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        q = torch.cat([q_nope, self._rope(q_pe, pos, True)], dim=-1)
+        q = torch.cat([q_nope, self._rope(q_pe, rope, True)], dim=-1)
         kv = _linear_gather(x, attn.linear_kv_down_proj.weight, self.c + self.dr, self.tp_group)
         c, k_pe = kv.split([self.c, self.dr], dim=-1)
         c = attn.kv_layernorm(c)
-        k_pe = self._rope(k_pe.unsqueeze(-2), pos, True).squeeze(-2)
+        k_pe = self._rope(k_pe.unsqueeze(-2), rope, True).squeeze(-2)
         return q, torch.cat([c, k_pe], dim=-1)
 
     def _mla_expand(self, attn, latent):
@@ -271,17 +281,17 @@ class FunctionalGPT:
         o = torch.matmul(torch.softmax(s, dim=-1), v)
         return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
 
-    def _attention_full(self, i, attn, x, pos, mask, cache, row0):
+    def _attention_full(self, i, attn, x, rope, mask, cache, row0):
         """Attention over the tokens of x only (prefill); writes their cache entries at rows row0.."""
         B, T, _ = x.shape
         if self.mla:
-            q, lat = self._mla_project(attn, x, pos)
+            q, lat = self._mla_project(attn, x, rope)
             if cache is not None:
                 cache.latent[i][row0:row0 + B, :T] = lat
             k, v = self._mla_expand(attn, lat)
             o = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         else:
-            q, k, v = self._dense_qkv(attn, x, pos)  # [B, heads, T, d]
+            q, k, v = self._dense_qkv(attn, x, rope)  # [B, heads, T, d]
             if cache is not None:
                 cache.k[i][row0:row0 + B, :, :T] = k
                 cache.v[i][row0:row0 + B, :, :T] = v
@@ -295,26 +305,28 @@ class FunctionalGPT:
         o = o.view(B, g, Tq, self.kv_heads, self.hd).permute(0, 2, 3, 1, 4)
         return o.reshape(B, Tq, self.heads * self.hd)
 
-    def _dense_qkv(self, attn, x, pos):
+    def _dense_qkv(self, attn, x, rope):
         """Megatron's grouped QKV layout -> q [B, kv_heads, g, T, hd] flattened as [B, kv_heads, g*T, hd]."""
         B, T, _ = x.shape
         g = self.heads // self.kv_heads
         qkv = F.linear(x, attn.linear_qkv.weight, attn.linear_qkv.bias)
         qkv = qkv.view(B, T, self.kv_heads, (g + 2) * self.hd)
-        q, k, v = qkv.split([g * self.hd, self.hd, self.hd], dim=-1)
-        q = self._rope(q.reshape(B, T, self.heads, self.hd), pos, False)
-        k = self._rope(k, pos, False)
+        qk, v = qkv.split([(g + 1) * self.hd, self.hd], dim=-1)
+        # q and k heads take the same rotation: rope them in one pass
+        qk = self._rope(qk.reshape(B, T, self.kv_heads * (g + 1), self.hd), rope, False)
+        qk = qk.view(B, T, self.kv_heads, (g + 1) * self.hd)
+        q, k = qk.split([g * self.hd, self.hd], dim=-1)
         # q heads of group j are j*g .. j*g+g-1: group them so K/V heads need no repeat
         q = q.view(B, T, self.kv_heads, g, self.hd).permute(0, 2, 3, 1, 4).reshape(B, self.kv_heads, g * T, self.hd)
         return q, k.transpose(1, 2), v.transpose(1, 2)
 
-    def _attention_decode(self, i, attn, x, pos, cache, L):
-        """One new token per row (rows 0..B-1 of the cache), attending to cache positions < L (masked per row)."""
+    def _attention_decode(self, i, attn, x, pos, rope, bias, cache, L):
+        """One new token per row (rows 0..B-1 of the cache), attending to cache positions < L (bias masks each row).
+        x [B, 1, h]; the softmax scale is folded into the query (one multiply on the smallest tensor)."""
         B = x.shape[0]
-        rows = torch.arange(B, device=x.device)
-        mask = (torch.arange(L, device=x.device)[None, :] <= pos[:, None]).view(B, 1, 1, L)
+        rows = torch.arange(B)
         if self.mla:
-            q, lat = self._mla_project(attn, x, pos.unsqueeze(1))  # q [B,1,H,dn+dr], lat [B,1,c+dr]
+            q, lat = self._mla_project(attn, x, rope)  # q [B,1,H,dn+dr], lat [B,1,c+dr]
             cache.latent[i][rows, pos] = lat[:, 0]
             lat_all = cache.latent[i][:B, :L]  # [B, L, c+dr]
             if self.mla_absorb:
@@ -322,21 +334,22 @@ class FunctionalGPT:
                 w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [H, dn, c], [H, dv, c]
                 q_nope, q_pe = q[:, 0].split([self.dn, self.dr], dim=-1)  # [B, H, *]
                 q_lat = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
-                qa = torch.cat([q_lat, q_pe], dim=-1)  # [B, H, c+dr]: scores against the raw cache entries
-                s = torch.matmul(qa, lat_all.transpose(1, 2)) * self.softmax_scale  # [B, H, L]
-                s = s.masked_fill(~mask.view(B, 1, L), float("-inf"))
-                o_lat = torch.matmul(torch.softmax(s, dim=-1), lat_all[..., :self.c])  # [B, H, c]
+                qa = torch.cat([q_lat, q_pe], dim=-1) * self.softmax_scale  # scores against raw cache entries
+                s = torch.baddbmm(bias.unsqueeze(1), qa, lat_all.transpose(1, 2))  # [B, H, L]
+                o_lat = torch.bmm(torch.softmax(s, dim=-1), lat_all[..., :self.c])  # [B, H, c]
                 o = torch.einsum("bhc,hvc->bhv", o_lat, w_uv).reshape(B, 1, self.heads * self.dv)
             else:
                 k, v = self._mla_expand(attn, lat_all)
+                mask = (bias == 0).view(B, 1, 1, L)
                 o = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         else:
-            q, k, v = self._dense_qkv(attn, x.unsqueeze(1) if x.dim() == 2 else x, pos.unsqueeze(1))
+            q, k, v = self._dense_qkv(attn, x, rope)  # q [B, kv_heads, g, hd], k/v [B, kv_heads, 1, hd]
             cache.k[i][rows, :, pos] = k[:, :, 0]
             cache.v[i][rows, :, pos] = v[:, :, 0]
-            g = self.heads // self.kv_heads
-            o = self._attend(q, cache.k[i][:B, :, :L], cache.v[i][:B, :, :L], mask)
-            o = self._ungroup(o, B, 1, g)
+            s = torch.matmul(q * self.softmax_scale, cache.k[i][:B, :, :L].transpose(-1, -2))
+            p = torch.softmax(s + bias.view(B, 1, 1, L), dim=-1)
+            # [B, kv_heads, g, hd]: head j*g + h of group j is already in Megatron's head order
+            o = torch.matmul(p, cache.v[i][:B, :, :L]).reshape(B, 1, self.heads * self.hd)
         return _all_reduce(F.linear(o, attn.linear_proj.weight), self.tp_group)
 
     # ---------------------------------------------------------------------------------- entry points
@@ -357,20 +370,27 @@ class FunctionalGPT:
         # A padded query row with no visible key would give NaN; let it see key 0 (its output is discarded).
         mask[:, :, :, 0] = True
         x = self._embed(tokens)
+        rope = self._tables(pos)
         for i, layer in enumerate(self.layers):
-            x = x + self._attention_full(i, layer.self_attention, layer.input_layernorm(x), pos, mask, cache, row0)
-            x = x + self._ffn(layer, layer.pre_mlp_layernorm(x))
+            x = x + self._attention_full(i, layer.self_attention, self._norm(layer.input_layernorm, x), rope, mask,
+                                         cache, row0)
+            x = x + self._ffn(layer, self._norm(layer.pre_mlp_layernorm, x))
         if not all_logits:
             x = x[torch.arange(B), lengths - 1]
-        return self._logits(self.model.decoder.final_layernorm(x))
+        return self._logits(self._norm(self.model.decoder.final_layernorm, x))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
+        B = tokens.shape[0]
         L = int(pos.max()) + 1
         x = self._embed(tokens)  # [B, h]
+        rope = self._tables(pos.unsqueeze(1))
+        # additive mask over cache positions, shared by all layers: 0 where visible, -inf past each row's length
+        bias = torch.zeros(B, L, dtype=x.dtype).masked_fill_(
+            torch.arange(L)[None, :] > pos[:, None], float("-inf"))
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x).unsqueeze(1)
-            x = x + self._attention_decode(i, layer.self_attention, h, pos, cache, L)[:, 0]
-            x = x + self._ffn(layer, layer.pre_mlp_layernorm(x))
-        return self._logits(self.model.decoder.final_layernorm(x))
+            h = self._norm(layer.input_layernorm, x).unsqueeze(1)
+            x = x + self._attention_decode(i, layer.self_attention, h, pos, rope, bias, cache, L)[:, 0]
+            x = x + self._ffn(layer, self._norm(layer.pre_mlp_layernorm, x))
+        return self._logits(self._norm(self.model.decoder.final_layernorm, x))

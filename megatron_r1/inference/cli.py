@@ -1,0 +1,109 @@
+"""`megatron-r1 serve`: the OpenAI-compatible server on a checkpoint or a randomly initialised preset."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+
+from megatron_r1.errors import UserError
+
+log = logging.getLogger("megatron_r1.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-r1 serve", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="checkpoint directory (training checkpoint or model-only)")
+    src.add_argument("--preset", help="model preset with random weights (tests, benchmarks), e.g. deepseek_v3_tiny")
+    p.add_argument("--model-preset", help="with --load: the preset of a checkpoint saved without its config")
+    p.add_argument("--tokenizer", default=None,
+                   help="builtin:demo | a directory or tokenizer.json | deepseek_v3 (needs litellm); "
+                        "default: the checkpoint's config, else builtin:demo")
+    p.add_argument("--served-model-name", default=None, help="the `model` clients must name (default: preset or "
+                                                             "checkpoint directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=32, help="cache slots: requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 503")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context (default: the model's max positions)")
+    p.add_argument("--max-n", type=int, default=16, help="largest `n` (choices per request) accepted")
+    p.add_argument("--seed", type=int, default=1234, help="weights seed (random init) and unseeded sampling")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def _model_config(args):
+    """(ModelConfig, tokenizer spec from the checkpoint's config or None)."""
+    from megatron_r1.config import load_config
+    from megatron_r1.models import get_preset
+
+    if args.preset:
+        return get_preset(args.preset, where="--preset"), None
+    from megatron_r1.checkpoint import checkpoint_config_yaml
+
+    if not os.path.exists(args.load):
+        raise UserError(f"--load {args.load}: no such directory")
+    text = checkpoint_config_yaml(args.load)
+    if text is None:
+        if not args.model_preset:
+            raise UserError(f"--load {args.load}: the checkpoint has no config.yaml; pass --model-preset NAME")
+        return get_preset(args.model_preset, where="--model-preset"), None
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        cfg = load_config(f.name)
+    finally:
+        os.unlink(f.name)
+    return cfg.model, cfg.tokenizer.path
+
+
+def build_engine(args):
+    """The engine (model built, weights loaded or random) and the served model name."""
+    import torch
+
+    from megatron_r1.config import ParallelConfig
+    from megatron_r1.inference.engine import Engine
+    from megatron_r1.inference.tokenizer import load_tokenizer
+    from megatron_r1.models import build_model
+    from megatron_r1.parallel import init_parallel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_cfg, ckpt_tokenizer = _model_config(args)
+    tokenizer = load_tokenizer(args.tokenizer or ckpt_tokenizer or "builtin:demo")
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        if args.load:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")
+        model_cfg.vocab_size = tokenizer.vocab_size  # random init: size the preset's vocab to the tokenizer
+    parallel = ParallelConfig()
+    init_parallel(parallel, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(model_cfg, parallel, "auto").eval()
+    if args.load:
+        from megatron_r1.checkpoint import load_model_only
+
+        load_model_only(model, args.load)
+    engine = Engine(model, tokenizer=tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                    max_queue=args.max_queue, seed=args.seed)
+    name = args.served_model_name or args.preset or os.path.basename(os.path.normpath(args.load))
+    return engine, name
+
+
+def serve_main(argv: list[str]) -> int:
+    """Entry point of `megatron-r1 serve` (argv without the command name)."""
+    import uvicorn
+
+    from megatron_r1.inference.server import create_app
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    engine, name = build_engine(args)
+    log.info("serving %s on http://%s:%d (max batch %d, context %d, queue %d)", name, args.host, args.port,
+             args.max_batch_size, engine.max_seq_len, args.max_queue)
+    app = create_app(engine, name, max_n=args.max_n)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, finish responses, run the lifespan
+    # exit (which stops the engine thread), then return here.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    log.info("server stopped")
+    return 0
