@@ -29,9 +29,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_known_warnings() -> None:
+    """Megatron-Core warns at import about optional GPU packages (TE, apex) whose fallbacks we test; users of the
+    CLI should see their run, not those."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core")
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_r1.errors import UserError
 
+    _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

@@ -38,7 +38,7 @@ PRETRAIN = {
 GRPO = {
     "stage": "grpo",
     "data": {"source": f"builtin:{TASK}", "options": {"num_samples": 4000, "seed": 7}},
-    "training": {"train_steps": 40, "micro_batch_size": 32, "seed": 13},
+    "training": {"train_steps": 40, "micro_batch_size": 32, "global_batch_size": 128, "seed": 13},
     "optimizer": {"lr": 1e-4, "min_lr": 1e-4, "lr_warmup_steps": 0, "lr_decay_style": "constant", "clip_grad": 1.0},
     "rl": {"prompts_per_step": 16, "group_size": 8, "max_prompt_length": 128, "max_response_length": 32,
            "mini_batch_size": 128, "kl_coef": 0.001, "kl_estimator": "k3", "clip_low": 0.2, "clip_high": 0.2},
@@ -101,7 +101,7 @@ def evaluate_checkpoint(cfg, ckpt_dir: str, k: int, num_problems: int, seed: int
     options["num_samples"] = num_problems
     samples = load_dataset(cfg.data.source, split="test", **options)[:num_problems]
     max_new = cfg.rl.max_response_length
-    engine = Engine(model, model_config=cfg.model, tokenizer=tokenizer, max_batch_size=cfg.generation.max_batch_size,
+    engine = Engine(model, tokenizer=tokenizer, max_batch_size=cfg.generation.max_batch_size,
                     max_seq_len=cfg.rl.max_prompt_length + max_new + 1)
     # Sampled at the training temperature (1.0): pass@1 is then the expected accuracy of one sampled answer.
     return evaluate(engine, tokenizer, get_template(cfg.data.template), samples, k, cfg.generation, max_new,

@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
     gen = cfg.generation
     gen.temperature, gen.top_p = args.temperature, args.top_p
     max_new = args.max_new_tokens or cfg.rl.max_response_length
-    engine = Engine(model, model_config=cfg.model, tokenizer=tokenizer, max_batch_size=gen.max_batch_size,
+    engine = Engine(model, tokenizer=tokenizer, max_batch_size=gen.max_batch_size,
                     max_seq_len=cfg.rl.max_prompt_length + max_new + 1)
     result = evaluate(engine, tokenizer, get_template(cfg.data.template), samples, args.k, gen, max_new, args.seed)
     text = json.dumps(result, indent=2)

@@ -161,7 +161,7 @@ def build_engine(cfg: Config, policy_model, tokenizer):
     from megatron_r1.inference import Engine
 
     max_len = cfg.rl.max_prompt_length + cfg.rl.max_response_length + 1
-    return Engine(policy_model, model_config=cfg.model, tokenizer=tokenizer,
+    return Engine(policy_model, tokenizer=tokenizer,
                   max_batch_size=min(cfg.generation.max_batch_size, cfg.rl.prompts_per_step * cfg.rl.group_size),
                   max_seq_len=max_len)
 
