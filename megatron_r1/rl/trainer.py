@@ -63,20 +63,32 @@ class PromptSampler:
         return out
 
 
-def build_reference(cfg: Config, policy_model, fresh_start: bool):
-    """The frozen reference policy: the weights RL started from (`checkpoint.load`, or the policy's initial ones)."""
+def capture_init_rng():
+    """The random state the policy's weights are drawn from, so the reference can be rebuilt identically later."""
+    from megatron_r1.checkpoint import rng
+
+    return rng.capture()
+
+
+def build_reference(cfg: Config, policy_model, fresh_start: bool, init_rng):
+    """The frozen reference policy: the weights RL started from — `checkpoint.load` when given; otherwise the
+    policy's own initial weights (copied at a fresh start, re-drawn from the captured init RNG on resume)."""
+    from megatron_r1.checkpoint import rng
     from megatron_r1.models.builder import build_model
 
-    ref = build_model(cfg.model, cfg.parallel, cfg.training.precision)
-    if cfg.checkpoint.load:
-        from megatron_r1.checkpoint import load_model_only
+    if cfg.checkpoint.load or fresh_start:
+        ref = build_model(cfg.model, cfg.parallel, cfg.training.precision)
+        if cfg.checkpoint.load:
+            from megatron_r1.checkpoint import load_model_only
 
-        load_model_only(ref, cfg.checkpoint.load)
-    elif fresh_start:
-        ref.load_state_dict(policy_model.state_dict(), strict=False)
+            load_model_only(ref, cfg.checkpoint.load)
+        else:
+            ref.load_state_dict(policy_model.state_dict(), strict=False)
     else:
-        raise ConfigError("checkpoint.load: resuming GRPO with a KL penalty needs the starting checkpoint to rebuild "
-                           "the reference model; set checkpoint.load to it")
+        now = rng.capture()
+        rng.restore(init_rng)
+        ref = build_model(cfg.model, cfg.parallel, cfg.training.precision)
+        rng.restore(now)
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -191,12 +203,13 @@ def run_grpo(cfg: Config) -> dict:
     answers_per_rank = rl.prompts_per_step * rl.group_size // ctx.dp_size
     mini_per_rank = max(1, rl.mini_batch_size // ctx.dp_size)
     opt_steps_per_rl_step = rl.ppo_epochs * math.ceil(answers_per_rank / mini_per_rank)
+    init_rng = capture_init_rng()
     state = build_train_state(cfg, ctx, t.train_steps * opt_steps_per_rl_step)
-    resumed_from = resume_or_init(state)
+    resume_or_init(state)
     policy = state.unwrapped[0]
     reference = None
     if rl.kl_coef > 0:
-        reference = build_reference(cfg, policy, fresh_start=state.step == 0 or resumed_from == cfg.checkpoint.load)
+        reference = build_reference(cfg, policy, fresh_start=state.step == 0, init_rng=init_rng)
     engine = build_engine(cfg, policy, tokenizer)
     sampler = PromptSampler(prompts, t.seed)
     mbs = t.micro_batch_size
