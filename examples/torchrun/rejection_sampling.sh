@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# R1 stage 3 data: rejection sampling from the reasoning-RL checkpoint.
+# Usage: bash examples/torchrun/rejection_sampling.sh [--dry-run] [section.key=value ...]
+# Env: NNODES GPUS_PER_NODE MASTER_ADDR MASTER_PORT CONFIG CKPT_ROOT LOAD_DIR (see common.sh)
+# One node, 8 GPUs, the Qwen2.5-1.5B-shaped model: TP 1, PP 1, DP 8 (the model fits every GPU whole). The 671B
+# layout is in examples/slurm/; `megatron-r1 plan CONFIG --nodes 1` prints this config's per-GPU memory.
+set -euo pipefail
+EXAMPLES_DIR="${EXAMPLES_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+# shellcheck source=SCRIPTDIR/../common.sh
+source "$EXAMPLES_DIR/common.sh"
+
+LAUNCHER=torchrun
+CONFIG="${CONFIG:-$EXAMPLES_DIR/configs/single_node/rejection_sampling.yaml}"
+LOAD_DIR="${LOAD_DIR:-$CKPT_ROOT/single_node/reasoning_rl}"
+STAGE_OVERRIDES=("checkpoint.load=$LOAD_DIR")
+r1_main sample "$CONFIG" "$@"
