@@ -135,7 +135,10 @@ class ShardedWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self.current and self.current_bytes + nbytes > self.max:
             self._flush()
-        self.current[name] = tensor.contiguous()
+        tensor = tensor.contiguous()
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in self.current.values()):
+            tensor = tensor.clone()  # HF's copies of a shared tensor (MTP embedding/head): safetensors wants distinct
+        self.current[name] = tensor
         self.current_bytes += nbytes
         self.total_bytes += nbytes
 
