@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from megatron_r1.config import Config
+from megatron_r1.config import Config, validate_world_size
 from megatron_r1.errors import ConfigError
 from megatron_r1.planning.params import (ParamCount, count_params, is_moe_layer, padded_vocab_size, stage_layers,
                                          stage_params_per_gpu)
@@ -74,13 +74,8 @@ def resolve_layout(cfg: Config, world: int, micro_batch_size: int | None = None)
     p = cfg.parallel
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
-    if world % (tp * pp):
-        raise ConfigError(f"parallel: world size {world} is not divisible by tensor × pipeline parallel size "
-                          f"({tp}×{pp})")
+    validate_world_size(p, world)
     dp = world // (tp * pp)
-    if (dp * tp) % (ep * etp):
-        raise ConfigError(f"parallel.expert_model_parallel_size: {ep} (× expert TP {etp}) does not divide data × "
-                          f"tensor parallel ranks ({dp}×{tp}) at world size {world}")
     mbs = micro_batch_size or cfg.training.micro_batch_size
     nmb = p.num_microbatches or max(1, cfg.training.global_batch_size // (mbs * dp))
     return Layout(world=world, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, edp=dp * tp // (ep * etp), num_microbatches=nmb)
