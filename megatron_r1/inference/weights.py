@@ -67,12 +67,12 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     tp, tp_size, _, ep, ep_size, ep_rank = _groups()
     n_local = _num_local_experts(model)
     full = {}
-    for name, t in _tensors(model).items():
-        t = t.detach()
-        if _is_tp_sharded(t, name) and tp_size > 1:
+    for name, param in _tensors(model).items():
+        t = param.detach()  # (detach drops Megatron's sharding attributes: read them from `param`)
+        if _is_tp_sharded(param, name) and tp_size > 1:
             parts = [torch.empty_like(t) for _ in range(tp_size)]
             dist.all_gather(parts, t.contiguous(), group=tp)
-            dim = t.partition_dim
+            dim = param.partition_dim
             if _is_gated_fc1(name, model):  # each shard is [gate_r; up_r]
                 gates, ups = zip(*(p.chunk(2, dim=0) for p in parts))
                 full[name] = torch.cat(list(gates) + list(ups), dim=0)
