@@ -52,14 +52,27 @@ class _Operands:
         self.dtype = weight.dtype if _low_precision_on_cuda(weight) else torch.float32
         self.w = weight if weight.dtype == self.dtype else weight.to(self.dtype)
 
-    def logits(self, h, inv_temp):
+    def logits(self, h, inv_temp, buf=None):
+        """fp32 logits of a chunk, written into `buf` when given (a [c, V] buffer reused across chunks)."""
         h = h.to(self.dtype)
         if inv_temp != 1.0:
             h = h * inv_temp  # scaling [c, H] is cheaper than scaling [c, V]
+        if buf is not None and self.dtype == torch.float32:
+            return torch.mm(h, self.w.t(), out=buf[: h.shape[0]])
         return _mm32(h, self.w.t())
 
-    def grad_hidden(self, gx):
-        return _mm32(gx.to(self.dtype), self.w)
+    def chunk_buffer(self, c, v, device):
+        """One [c, V] fp32 buffer for every chunk: a fresh multi-MB allocation per chunk is page-faulted in
+        each time on CPU, which costs as much as a pass over it. CUDA's caching allocator needs none."""
+        return torch.empty(c, v, device=device) if self.dtype == torch.float32 and device.type == "cpu" else None
+
+    def grad_hidden_(self, out, gx, inv_temp):
+        if self.dtype == torch.float32 and out.dtype == torch.float32:
+            torch.mm(gx, self.w, out=out)
+        else:
+            out.copy_(_mm32(gx.to(self.dtype), self.w))
+        if inv_temp != 1.0:
+            out.mul_(inv_temp)
 
     def add_grad_weight_(self, acc, gx, h):
         if acc.dtype == self.dtype == torch.float32:
@@ -97,9 +110,10 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = torch.empty(t, device=hidden.device)
         logp = torch.empty(t, device=hidden.device)
         ent = torch.empty(t, device=hidden.device) if want_ent else None
+        buf = ops.chunk_buffer(c, weight.shape[0], hidden.device)
         for s in range(0, t, c):
             e = min(s + c, t)
-            x = ops.logits(hidden[s:e], 1.0 / temperature)
+            x = ops.logits(hidden[s:e], 1.0 / temperature, buf)
             lse_c, tgt_c, ent_c, _ = _chunk_stats(rows, x, tokens[s:e], start, 1.0, want_ent, tp_group)
             lse[s:e], logp[s:e] = lse_c, tgt_c - lse_c
             if want_ent:
@@ -121,15 +135,16 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         t = hidden.shape[0]
+        buf = ops.chunk_buffer(c, weight.shape[0], hidden.device)
         for s in range(0, t, c):
             e = min(s + c, t)
             h = hidden[s:e]
-            x = ops.logits(h, inv_temp)
+            x = ops.logits(h, inv_temp, buf)
             gx = rows.grad_from_logits(
                 x, tokens[s:e], start, 1.0, lse[s:e], None if ent is None else ent[s:e],
                 None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e], x)
             if want_h:
-                grad_h[s:e] = ops.grad_hidden(gx).mul_(inv_temp)
+                ops.grad_hidden_(grad_h[s:e], gx, inv_temp)
             if want_w:
                 ops.add_grad_weight_(grad_w, gx, h * inv_temp)
         if want_h:
@@ -218,10 +233,11 @@ class _FusedPolicyLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         logp = torch.empty(t, device=hidden.device)
         loss = torch.zeros((), device=hidden.device)
+        buf = ops.chunk_buffer(c, weight.shape[0], hidden.device)
         for s in range(0, t, c):
             e = min(s + c, t)
             h = hidden[s:e]
-            x = ops.logits(h, inv_temp)
+            x = ops.logits(h, inv_temp, buf)
             lse_c, tgt_c, _, state = _chunk_stats(rows, x, tokens[s:e], start, 1.0, False, tp_group)
             logp[s:e] = tgt_c - lse_c
             loss_c, g_c = token_grad(logp[s:e], s, e)
@@ -230,7 +246,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 continue
             gx = rows.grad_after_stats_(x, state, tokens[s:e], start, 1.0, lse_c, None, g_c, None)
             if want_h:
-                grad_h[s:e] = ops.grad_hidden(gx).mul_(inv_temp)
+                ops.grad_hidden_(grad_h[s:e], gx, inv_temp)
             if want_w:
                 ops.add_grad_weight_(grad_w, gx, h * inv_temp)
         if want_h:
@@ -243,10 +259,11 @@ class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_logp):
         grad_h, grad_w = ctx.saved_tensors
+        # in place: the buffers are ours and backward runs once; a copy of grad_w would be weight-sized
         if grad_h is not None:
-            grad_h = (grad_h * g_loss).to(ctx.dtypes[0])
+            grad_h = grad_h.mul_(g_loss).to(ctx.dtypes[0])
         if grad_w is not None:
-            grad_w = (grad_w * g_loss).to(ctx.dtypes[1])
+            grad_w = grad_w.mul_(g_loss).to(ctx.dtypes[1])
         return grad_h, grad_w, None, None, None, None, None, None
 
 

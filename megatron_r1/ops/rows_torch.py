@@ -34,32 +34,32 @@ class TorchRows:
         idx, in_shard = _target_index(tokens, vocab_start, x.shape[1])
         tgt = torch.where(in_shard, x.gather(1, idx[:, None])[:, 0], torch.zeros((), device=x.device))
         m = x.amax(1)
+        if not want_ent:
+            # one cache-friendly row kernel instead of separate sub/exp/sum passes over memory; the largest
+            # probability is exactly 1/Σexp(z − m), so lse = m − log max p needs no extra buffer
+            torch._softmax(x, 1, False, out=x)
+            lse_l = m - torch.log(x.amax(1))
+            return lse_l, tgt, in_shard, None, ("softmax", lse_l, None)
         x.sub_(m[:, None])
-        if want_ent:
-            e = torch.exp(x)
-            s = e.sum(1)
-            # batched dot products: E[z − m] without another [c, V] temporary
-            ez = torch.bmm(e[:, None, :], x[:, :, None])[:, 0, 0] / s + m
-            state = (m, e)
-        else:
-            x.exp_()
-            s = x.sum(1)
-            ez = None
-            state = (m, None)
-        return m + torch.log(s), tgt, in_shard, ez, state
+        e = torch.exp(x)
+        s = e.sum(1)
+        # batched dot products: E[z − m] without another [c, V] temporary
+        ez = torch.bmm(e[:, None, :], x[:, :, None])[:, 0, 0] / s + m
+        return m + torch.log(s), tgt, in_shard, ez, ("shifted", m, e)
 
     def grad_after_stats_(self, x, state, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent):
-        """dL/dx in place of x, after stats_ left exp(z − m) (or z − m and its exp) there."""
-        m, e = state
+        """dL/dx in place of x, after stats_ left there the local softmax (or z − m, with exp(z − m) aside)."""
+        kind, a, e = state
         g_lp = _zeros_if_none(g_lp, lse)
-        scale = torch.exp(m - lse)  # p = exp(z − m) · exp(m − lse)
-        if e is None:
-            x.mul_((-g_lp * scale * inv_temp)[:, None])
+        if kind == "softmax":
+            # local softmax · exp(lse_local − lse) is the softmax over the whole (TP-sharded) vocabulary
+            x.mul_((-g_lp * torch.exp(a - lse) * inv_temp)[:, None])
         else:
             # x holds z − m; log p = x − (lse − m); dH/dz = −p (log p + H)
+            m = a
             g_ent = _zeros_if_none(g_ent, lse)
             x.add_((ent - (lse - m))[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
-            x.mul_(e).mul_((-scale * inv_temp)[:, None])
+            x.mul_(e).mul_((-torch.exp(m - lse) * inv_temp)[:, None])
         idx, in_shard = _target_index(tokens, vocab_start, x.shape[1])
         return _add_onehot_(x, idx, in_shard, g_lp * inv_temp)
 

@@ -48,7 +48,8 @@ def _rank(rank, world, impl):
 
         def from_logits(x, y):
             return chunked.logprobs_from_logits(logits(x, y), tok, TEMP, True, group, rows=rows, chunk_tokens=5)
-    return _grads(from_hidden, hid, w_local, g_lp, g_ent), _grads(from_logits, hid, w_local, g_lp, g_ent)
+    # numpy, not tensors: torch's queue shares tensor storage through a socket that dies with the rank
+    return [[t.numpy() for t in _grads(fn, hid, w_local, g_lp, g_ent)] for fn in (from_hidden, from_logits)]
 
 
 def _check(results):
@@ -56,7 +57,8 @@ def _check(results):
     want = _grads(lambda x, y: R.token_logprobs(x, y, tok, TEMP, True), hid, w, g_lp, g_ent)
     shard = V // len(results)
     for rank, per_rank in enumerate(results):
-        for lp, ent, g_hid, g_w in per_rank:
+        for arrays in per_rank:
+            lp, ent, g_hid, g_w = map(torch.from_numpy, arrays)
             torch.testing.assert_close(lp, want[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ent, want[1], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(g_hid, want[2], rtol=1e-5, atol=1e-5)
@@ -69,3 +71,45 @@ def test_chunked_tp2_equals_single_process():
 
 def test_reference_tp2_equals_single_process():
     _check(run_distributed(_rank, 2, "reference"))
+
+
+def _fused_inputs():
+    hid, w, tok, _, _ = _data()
+    g = torch.Generator().manual_seed(1)
+    b, l = 13, 1
+    old = R.token_logprobs(hid, w, tok, TEMP).detach().view(b, l) + 0.3 * torch.randn(b, l, generator=g)
+    mask = torch.rand(b, l, generator=g) < 0.8
+    return hid.view(b, l, H), w, tok.view(b, l), old, torch.randn(b, generator=g), mask
+
+
+def _fused_loss_grads(hid, w, group, rows):
+    _, _, tok, old, adv, mask = _fused_inputs()
+    hid, w = hid.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    if rows is None:
+        lp = R.token_logprobs(hid.view(-1, H), w, tok.view(-1), TEMP).view(old.shape)
+        loss, _ = R.grpo_policy_loss(lp, old, adv, mask, loss_agg="token-mean")
+    else:
+        loss, _ = chunked.fused_policy_loss(hid, w, tok, old, adv, mask, loss_agg="token-mean", temperature=TEMP,
+                                            tp_group=group, rows=rows, chunk_tokens=5)
+    loss.backward()
+    return [loss.detach().numpy(), hid.grad.numpy(), w.grad.numpy()]
+
+
+def _rank_fused(rank, world):
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(world)))
+    hid, w = _fused_inputs()[:2]
+    shard = V // world
+    return _fused_loss_grads(hid, w[rank * shard:(rank + 1) * shard], group, TorchRows())
+
+
+def test_fused_loss_tp2_equals_single_process():
+    hid, w = _fused_inputs()[:2]
+    want = [torch.from_numpy(a) for a in _fused_loss_grads(hid, w, None, None)]
+    shard = V // 2
+    for rank, arrays in enumerate(run_distributed(_rank_fused, 2)):
+        loss, g_hid, g_w = map(torch.from_numpy, arrays)
+        torch.testing.assert_close(loss, want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_hid, want[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_w, want[2][rank * shard:(rank + 1) * shard], rtol=1e-5, atol=1e-6)
