@@ -163,11 +163,14 @@ def countdown(num_samples: int = 1000, seed: int = 0, split: str = "train", num_
         raise ConfigError(f"builtin:countdown: num_numbers must be 2..6, got {num_numbers}")
 
     def make(rng):
-        while True:
+        for _ in range(10_000):
             nums = [rng.randint(1, max_value) for _ in range(num_numbers)]
             found = _countdown_expr(rng, nums)
             if found and 10 <= found[1] <= max_target:
                 break
+        else:
+            raise ConfigError(f"builtin:countdown: no target in [10, {max_target}] is reachable with {num_numbers} "
+                              f"numbers up to {max_value}; the problem space is too small")
         expr, target = found
         prompt = (f"Using the numbers {nums}, create an equation that equals {target}. You can use +, -, * and /, "
                   f"and each number at most once. Answer with the expression only")
