@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import tempfile
 
 from megatron_r1.errors import UserError
@@ -102,8 +103,14 @@ def serve_main(argv: list[str]) -> int:
     log.info("serving %s on http://%s:%d (max batch %d, context %d, queue %d)", name, args.host, args.port,
              args.max_batch_size, engine.max_seq_len, args.max_queue)
     app = create_app(engine, name, max_n=args.max_n)
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, finish responses, run the lifespan
-    # exit (which stops the engine thread), then return here.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
-    log.info("server stopped")
+    # uvicorn turns SIGTERM into a graceful shutdown (stop accepting, finish responses, run the lifespan exit,
+    # which stops the engine thread) and then re-raises the signal to the handler found before it started: make
+    # that one record the signal instead of killing the process, so a terminated server exits 0 after cleanup.
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: received.append(sig))
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    log.info("server stopped%s", " (SIGTERM)" if received else "")
     return 0

@@ -1,0 +1,50 @@
+"""`megatron-r1 serve` as a real process: it serves, and SIGTERM shuts it down cleanly (exit code 0)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from .test_server import _free_port
+
+
+def test_serve_preset_and_sigterm(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_r1", "serve", "--preset", "llama_tiny", "--tokenizer", "builtin:demo",
+         "--port", str(port), "--max-batch-size", "4", "--max-seq-len", "128", "--threads", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.2)
+        r = httpx.post(base + "/v1/completions", json={"model": "llama_tiny", "prompt": "What is 2 plus 3?",
+                                                       "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, open(tmp_path / "serve.log").read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "server stopped" in open(tmp_path / "serve.log").read()
+
+
+def test_serve_cli_user_errors(capsys):
+    from megatron_r1.cli import main
+
+    assert main(["serve", "--preset", "no_such_model"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["serve", "--load", "/nonexistent/ckpt"]) == 2
+    assert "no such directory" in capsys.readouterr().err
