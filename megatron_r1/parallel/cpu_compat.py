@@ -186,6 +186,8 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",  # (13) grad buffers on the current device
     "megatron.core.optimizer.optimizer",  # (14) found-inf / loss-scale tensors made with device='cuda'
     "megatron.core.optimizer.clip_grads",  # (14) the grad-norm all-reduce tensor
+    "megatron.core.tensor_parallel.layers",  # (18) sequence-parallel linear backward all-gathers into current_device()
+    "megatron.core.tensor_parallel.utils",  # (18) 1-D split/gather helpers allocate on current_device()
     "megatron.core.tensor_parallel.mappings",  # (18) sequence-parallel reduce-scatter output on the current device
     "megatron.core.utils",  # (15) the fallback multi-tensor L2 norm puts its result on device="cuda"
     # (16) dist_checkpointing's writer synchronises the GPU and builds its failure flag on the current device
