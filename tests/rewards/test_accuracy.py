@@ -123,3 +123,34 @@ def test_pool_is_lazy_reused_and_closable():
     assert proc.poll() is not None and pool._workers == []
     assert [v.ok for v in pool.verify_many([("2", "2")])] == [True]  # restarts lazily after close
     pool.close()
+
+
+def _score_in_child(queue):
+    fn = get_reward("accuracy", timeout=3.0, num_workers=1)
+    try:
+        queue.put(fn(["<answer>\\frac{1}{2}</answer>", "<answer>3</answer>"], [{"answer": "0.5"}, {"answer": "4"}]))
+    finally:
+        fn.close()
+
+
+def test_works_inside_a_daemonic_spawned_process_and_a_thread():
+    """Trainer ranks run as spawned (often daemonic) processes and may score from threads: no multiprocessing
+    children (forbidden in daemons) and no signals in non-main threads are needed."""
+    import multiprocessing
+    import threading
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_score_in_child, args=(queue,), daemon=True)
+    proc.start()
+    assert queue.get(timeout=60) == [1.0, 0.0]
+    proc.join(30)
+    assert proc.exitcode == 0
+
+    results = []
+    fn = get_reward("accuracy", num_workers=1)
+    thread = threading.Thread(target=lambda: results.append(fn(["\\boxed{\\sqrt{4}}"], [{"answer": "2"}])))
+    thread.start()
+    thread.join(60)
+    fn.close()
+    assert results == [[1.0]]
