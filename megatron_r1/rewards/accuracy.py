@@ -7,7 +7,7 @@ import unicodedata
 from fractions import Fraction
 
 from megatron_r1.errors import ConfigError
-from megatron_r1.rewards.extract import extract_answer
+from megatron_r1.rewards.extract import extract_answer, last_boxed
 from megatron_r1.rewards.registry import register_reward
 from megatron_r1.rewards.verify_pool import VerifyPool
 
@@ -89,6 +89,8 @@ class AccuracyReward:
             if self.mode == "exact":
                 scores[i] = float(exact_match(pred, gold))
                 continue
+            # "<answer>\\boxed{5}</answer>" is common: judge the boxed content so plain numbers take the fast path.
+            pred = last_boxed(pred) or pred
             pred_n, gold_n = normalize(pred), normalize(gold)
             a, b = plain_number(pred_n), plain_number(gold_n)
             if a is not None and b is not None:

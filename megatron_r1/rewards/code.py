@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from megatron_r1.rewards.extract import last_code_block
 from megatron_r1.rewards.registry import register_reward
-from megatron_r1.rewards.sandbox import SandboxLimits, run_python
+from megatron_r1.rewards.sandbox import SandboxLimits, run_python, sandbox_capabilities
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class CodeReward:
         self.limits = SandboxLimits(wall_seconds, cpu_seconds, memory_mb, max_processes, output_bytes)
         self.max_parallel = max_parallel
         self.python = python
+        sandbox_capabilities(python)  # probe now, in one thread, not lazily from the scoring threads
 
     def _run_one(self, program: str, test: dict) -> bool:
         if "assert" in test:

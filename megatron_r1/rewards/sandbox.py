@@ -7,6 +7,17 @@ Layers, strongest first, each applied when the machine allows it (see `sandbox_c
   also makes RLIMIT_NPROC effective against fork bombs (the kernel exempts root from it);
 - a temporary working directory, deleted afterwards;
 - an audit hook in the child refusing sockets, exec/subprocess, ctypes and writes outside its directory.
+
+What it does not stop (by design or because the machine lacks the mechanism):
+- reading files the sandbox uid may read (world-readable files such as /etc/passwd or the repo); there is no
+  mount namespace or chroot;
+- as `nobody`, writes to world-writable places (/tmp, /dev/shm) are blocked only by the audit hook, which a
+  determined program can evade from C extensions already importable (ctypes itself is refused);
+- when not root: no network namespace (sockets are then refused only by the audit hook), no uid drop, and
+  RLIMIT_NPROC counts all of the user's processes (a fork bomb is still ended by the session kill);
+- RLIMIT_NPROC is per uid, so concurrent sandboxes share `max_processes`;
+- a child that calls setsid() leaves the session and survives the kill when no uid drop is possible (with the
+  uid drop it is capped by RLIMIT_NPROC and CPU time); CPU/memory of the machine as a whole (no cgroup quota).
 """
 from __future__ import annotations
 
@@ -29,6 +40,8 @@ log = logging.getLogger(__name__)
 
 _BOOT = str(Path(__file__).with_name("_sandbox_boot.py"))
 _CLONE_NEWNET = 0x40000000
+# Loaded once in the parent: dlopen() inside the forked child could deadlock on a loader lock held by another thread.
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -65,12 +78,15 @@ class Capabilities:
 
 
 def _unshare_net() -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.unshare(_CLONE_NEWNET) == 0
+    return _LIBC.unshare(_CLONE_NEWNET) == 0
 
 
 def _preexec(limits: SandboxLimits, netns: bool, uid: int | None):
-    """Build the function run in the child between fork and exec (no Python-level locks may be taken there)."""
+    """Build the function run in the child between fork and exec.
+
+    It runs in a copy of a possibly multi-threaded parent, so it only makes system calls (no imports, logging or
+    allocation-heavy work that could wait on a lock another thread held at fork time).
+    """
 
     def apply():
         os.setsid()

@@ -34,6 +34,7 @@ CASES = [
     ("<think>r</think> <answer>5</answer>", "5", 1.0),
     ("<think>r</think> <answer>6</answer>", "5", 0.0),
     ("\\boxed{1/2}", "0.5", 1.0),                               # boxed fraction vs decimal (fast path)
+    ("<answer>\\boxed{-7}</answer>", "-7", 1.0),
     ("<answer>\\frac{1}{2}</answer>", "0.5", 1.0),              # LaTeX through math-verify
     ("<answer>\\dfrac{3}{4}</answer>", "\\frac{3}{4}", 1.0),
     ("<answer>\u22125</answer>", "-5", 1.0),                    # unicode minus
