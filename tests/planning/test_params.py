@@ -149,6 +149,9 @@ SHARDED = [
     ["model.preset=deepseek_v3_tiny", "parallel.expert_model_parallel_size=2"],
     # TP 2 on a dense GQA model: heads, query groups, MLP and vocab split
     ["model.preset=qwen2_tiny", "parallel.tensor_model_parallel_size=2"],
+    # TP 2 with MLA and MoE: up projections, shared expert and vocab split; EP 2 or expert-TP 2 for the experts
+    ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2"],
+    ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2", "parallel.expert_tensor_parallel_size=2"],
 ]
 
 
@@ -160,4 +163,14 @@ def test_per_gpu_counts_equal_megatron_shards():
     for i, overrides in enumerate(SHARDED):
         cfg = load_config(None, overrides)
         for params, _, pp_rank in (r[i] for r in per_rank):
-            assert stage_params_per_gpu(cfg.model, cfg.parallel, pp_rank).total == params, (overrides, pp_rank)
+            # CPU builds use the local spec, which splits MLA's down projections over TP (TE duplicates them)
+            planned = stage_params_per_gpu(cfg.model, cfg.parallel, pp_rank, te_spec=False)
+            assert planned.total == params, (overrides, pp_rank)
+
+
+def test_te_spec_duplicates_mla_down_projections():
+    cfg = load_config(None, ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2",
+                             "parallel.expert_model_parallel_size=2"])
+    te = stage_params_per_gpu(cfg.model, cfg.parallel, 0).total
+    local = stage_params_per_gpu(cfg.model, cfg.parallel, 0, te_spec=False).total
+    assert te - local == 4 * (256 * 96 + 256 * (64 + 16)) // 2  # 4 layers × half of (q down + kv down)
