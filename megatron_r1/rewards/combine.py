@@ -64,7 +64,7 @@ class CombinedReward:
         except Exception as e:  # noqa: BLE001 - a user reward may raise anything; narrowed below per sample
             log.warning("reward %r failed on a batch of %d (%s: %s); rescoring sample by sample",
                         key, len(completions), type(e).__name__, e)
-        values, errors = [], 0
+        values, failures = [], []
         for i, (c, s) in enumerate(zip(completions, samples)):
             try:
                 (v,) = fn([c], [s])
@@ -72,11 +72,14 @@ class CombinedReward:
                 if not math.isfinite(v):
                     raise ValueError(f"non-finite score {v}")
             except Exception as e:  # noqa: BLE001 - contained: 0.0 for this sample, counted, logged
-                log.warning("reward %r failed on sample %d (id=%s): %s: %s", key, i, s.get("id", "?"),
-                            type(e).__name__, e)
-                v, errors = 0.0, errors + 1
+                failures.append(f"sample {i} (id={s.get('id', '?')}): {type(e).__name__}: {e}")
+                v = 0.0
             values.append(v)
-        return values, errors
+        if failures:
+            # One line per batch, not per sample: a systematic bug would otherwise flood the log every step.
+            log.warning("reward %r failed on %d of %d samples (scored 0.0); first: %s", key, len(failures),
+                        len(completions), failures[0])
+        return values, len(failures)
 
     def __call__(self, completions: list[str], samples: list[dict]) -> RewardResult:
         if len(completions) != len(samples):

@@ -82,9 +82,7 @@ def language_share(text: str, target: str) -> float:
     scripts = [_script(w) for w in words]
     if target in _SCRIPT_LANGS:
         return sum(s in _SCRIPT_LANGS[target] for s in scripts) / len(words)
-    if target not in _LATIN_LANGS:
-        raise ConfigError(f"language_consistency: unsupported language {target!r}; "
-                          f"supported: {', '.join(sorted(set(_SCRIPT_LANGS) | set(_LATIN_LANGS)))}")
+    check_language(target)
     # Consecutive Latin words form one run for lingua (it needs context); any other script breaks the run.
     runs: list[list[str]] = []
     prev_latin = False
@@ -97,14 +95,28 @@ def language_share(text: str, target: str) -> float:
     return _latin_share(runs, target) / len(words) if runs else 0.0
 
 
+def check_language(code: str) -> str:
+    """`code` lower-cased if the reward supports it, else a ConfigError listing the supported codes."""
+    code = code.lower()
+    if code not in _SCRIPT_LANGS and code not in _LATIN_LANGS:
+        raise ConfigError(f"language_consistency: unsupported language {code!r}; "
+                          f"supported: {', '.join(sorted(set(_SCRIPT_LANGS) | set(_LATIN_LANGS)))}")
+    return code
+
+
 @register_reward("language_consistency")
-def language_consistency_reward(completions: list[str], samples: list[dict], language: str | None = None,
-                                language_field: str = "language") -> list[float]:
-    """Share of words inside `<think>` in the target language: `language` option, else `sample["language"]`."""
-    scores = []
-    for completion, sample in zip(completions, samples, strict=True):
-        target = language or sample.get(language_field)
-        if not target:
-            raise ValueError(f"language_consistency: sample has no {language_field!r} and no language option")
-        scores.append(language_share(extract_think(completion), target))
-    return scores
+class LanguageConsistencyReward:
+    """Share of words inside `<think>` in the target language: the `language` option, else `sample["language"]`."""
+
+    def __init__(self, language: str | None = None, language_field: str = "language"):
+        self.language = check_language(language) if language else None  # a config typo fails at startup
+        self.language_field = language_field
+
+    def __call__(self, completions: list[str], samples: list[dict]) -> list[float]:
+        scores = []
+        for completion, sample in zip(completions, samples, strict=True):
+            target = self.language or sample.get(self.language_field)
+            if not target:
+                raise ValueError(f"language_consistency: sample has no {self.language_field!r} and no language option")
+            scores.append(language_share(extract_think(completion), target))
+        return scores

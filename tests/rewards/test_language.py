@@ -57,3 +57,5 @@ def test_kana_is_japanese_not_chinese():
 def test_unknown_language_is_a_config_error():
     with pytest.raises(ConfigError, match="unsupported language 'xx'"):
         language_share("hello", "xx")
+    with pytest.raises(ConfigError, match="unsupported language 'english'"):
+        get_reward("language_consistency", language="english")  # at config time, not mid-run
