@@ -58,28 +58,34 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     logits = logits.float()
     B, V = logits.shape
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    temp_list = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     raw_lp = torch.log_softmax(logits, dim=-1)
-    scaled = logits / temps[:, None]
-    lp = torch.log_softmax(scaled, dim=-1) if bool((temps != 1.0).any()) else raw_lp
-    greedy = torch.tensor([p.greedy for p in params])
+    if any(t != 1.0 for t in temp_list):
+        lp = torch.log_softmax(logits / torch.tensor(temp_list)[:, None], dim=-1)
+    else:
+        lp = raw_lp
+    greedy_list = [p.greedy for p in params]
+    if all(greedy_list):  # the common evaluation case: no masks, no noise
+        tokens = logits.argmax(-1)
+        ar = torch.arange(B)
+        return tokens, lp[ar, tokens], raw_lp[ar, tokens]
+    greedy = torch.tensor(greedy_list)
     tokens = torch.empty(B, dtype=torch.long)
-    if bool(greedy.any()):
+    if any(greedy_list):
         tokens[greedy] = logits[greedy].argmax(-1)
-    if not bool(greedy.all()):
-        idx = (~greedy).nonzero().squeeze(-1)
-        rows_lp = lp[idx]
-        ks = [params[i].top_k for i in idx.tolist()]
-        ps = [params[i].top_p for i in idx.tolist()]
-        if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
-            rows_lp = _truncate(rows_lp, ks, ps)
-        # exponential race: argmax p / E with E ~ Exp(1) is a draw from p; noise from the request's generator
-        noise = torch.empty_like(rows_lp)
-        for j, i in enumerate(idx.tolist()):
-            gen = generators[i] if generators[i] is not None else default_gen
-            noise[j].uniform_(generator=gen)
-        gumbel_like = rows_lp - torch.log(-torch.log(noise.clamp_min(1e-20)))
-        tokens[idx] = gumbel_like.argmax(-1)
+    idx = (~greedy).nonzero().squeeze(-1)
+    rows_lp = lp[idx]
+    ks = [params[i].top_k for i in idx.tolist()]
+    ps = [params[i].top_p for i in idx.tolist()]
+    if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
+        rows_lp = _truncate(rows_lp, ks, ps)
+    # exponential race: argmax p / E with E ~ Exp(1) is a draw from p; noise from the request's generator
+    noise = torch.empty_like(rows_lp)
+    for j, i in enumerate(idx.tolist()):
+        gen = generators[i] if generators[i] is not None else default_gen
+        noise[j].uniform_(generator=gen)
+    gumbel_like = rows_lp - torch.log(-torch.log(noise.clamp_min(1e-20)))
+    tokens[idx] = gumbel_like.argmax(-1)
     ar = torch.arange(B)
     return tokens, lp[ar, tokens], raw_lp[ar, tokens]
 
