@@ -31,20 +31,28 @@ def register_task(name: str):
 
 
 def _draw(task: str, split: str, num_samples: int, seed: int, test_fraction: float,
-          make: Callable[[random.Random], tuple[str, dict]]) -> list[dict]:
-    """Draw `num_samples` problems of `split`; `make(rng)` returns (canonical key, sample)."""
+          make: Callable[[random.Random], tuple[str, dict]], unique: bool = False) -> list[dict]:
+    """Draw `num_samples` problems of `split`; `make(rng)` returns (canonical key, sample).
+
+    `unique=True` never repeats a problem (what an evaluation set wants); small spaces then run out sooner.
+    """
     check_split(split)
     if num_samples < 0:
         raise ConfigError(f"builtin:{task}: num_samples must be >= 0, got {num_samples}")
     rng = random.Random(f"{task}:{seed}:{split}")
     out: list[dict] = []
+    seen: set[str] = set()
     tries, max_tries = 0, 200 * num_samples + 1000
     while len(out) < num_samples:
         tries += 1
         if tries > max_tries:
             raise ConfigError(f"builtin:{task}: could only draw {len(out)} of {num_samples} {split} samples; the "
-                              f"problem space is too small for this difficulty and test_fraction={test_fraction}")
+                              f"problem space is too small for this difficulty and test_fraction={test_fraction}"
+                              + (" with unique=True" if unique else ""))
         key, sample = make(rng)
+        if unique and key in seen:
+            continue
+        seen.add(key)
         if split_of(task, key, test_fraction) == split:
             sample.setdefault("id", f"{task}-{split}-{seed}-{len(out)}")
             sample["task"] = task
@@ -94,7 +102,7 @@ _DEMO_LEVELS = {  # difficulty -> (min terms, max terms, max operand, ops, max f
 
 @register_task("demo_arithmetic")
 def demo_arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train", difficulty: int = 1,
-                    test_fraction: float = 0.2, allow_negative: bool = False) -> list[dict]:
+                    test_fraction: float = 0.2, allow_negative: bool = False, unique: bool = False) -> list[dict]:
     """Very short integer expressions ("12+7", "3*4+5") for the CPU demo; `solution` is the short step list."""
     if difficulty not in _DEMO_LEVELS:
         raise ConfigError(f"builtin:demo_arithmetic: difficulty must be one of {sorted(_DEMO_LEVELS)}, got {difficulty}")
@@ -109,12 +117,12 @@ def demo_arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train"
         prompt = "".join(map(str, tokens))
         return prompt, {"prompt": prompt, "answer": str(value), "solution": " , ".join(steps)}
 
-    return _draw("demo_arithmetic", split, num_samples, seed, test_fraction, make)
+    return _draw("demo_arithmetic", split, num_samples, seed, test_fraction, make, unique)
 
 
 @register_task("arithmetic")
 def arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train", difficulty: int = 2,
-               test_fraction: float = 0.1) -> list[dict]:
+               test_fraction: float = 0.1, unique: bool = False) -> list[dict]:
     """Multi-term integer arithmetic ("Calculate 37 + 8 * 12 - 5"); difficulty 1-5 adds terms and digits."""
     if not 1 <= difficulty <= 5:
         raise ConfigError(f"builtin:arithmetic: difficulty must be 1..5, got {difficulty}")
@@ -129,7 +137,7 @@ def arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train", dif
         return expr, {"prompt": f"Calculate {expr}", "answer": str(value),
                       "solution": f"{solution}\nSo the result is {value}."}
 
-    return _draw("arithmetic", split, num_samples, seed, test_fraction, make)
+    return _draw("arithmetic", split, num_samples, seed, test_fraction, make, unique)
 
 
 # ---------------------------------------------------------------- countdown
@@ -154,7 +162,8 @@ def _countdown_expr(rng: random.Random, nums: list[int]) -> tuple[str, int] | No
 
 @register_task("countdown")
 def countdown(num_samples: int = 1000, seed: int = 0, split: str = "train", num_numbers: int = 4,
-              max_value: int = 25, max_target: int = 999, test_fraction: float = 0.1) -> list[dict]:
+              max_value: int = 25, max_target: int = 999, test_fraction: float = 0.1,
+              unique: bool = False) -> list[dict]:
     """Reach `target` with the given numbers (+ - * /, each at most once); `answer` is one valid expression.
 
     Score with the `countdown` reward, which accepts any valid expression, not only the stored one.
@@ -176,7 +185,7 @@ def countdown(num_samples: int = 1000, seed: int = 0, split: str = "train", num_
                   f"and each number at most once. Answer with the expression only")
         return f"{sorted(nums)}->{target}", {"prompt": prompt, "answer": expr, "numbers": nums, "target": target}
 
-    return _draw("countdown", split, num_samples, seed, test_fraction, make)
+    return _draw("countdown", split, num_samples, seed, test_fraction, make, unique)
 
 
 # ---------------------------------------------------------------- multi-step word problems
@@ -228,7 +237,7 @@ def _word_problem(rng: random.Random, scale: int) -> tuple[str, str, list[str]]:
 
 @register_task("word_problems")
 def word_problems(num_samples: int = 1000, seed: int = 0, split: str = "train", difficulty: int = 1,
-                  test_fraction: float = 0.1) -> list[dict]:
+                  test_fraction: float = 0.1, unique: bool = False) -> list[dict]:
     """Multi-step word problems (shopping, savings, sharing, travel); `solution` is the readable worked answer."""
     if not 1 <= difficulty <= 5:
         raise ConfigError(f"builtin:word_problems: difficulty must be 1..5, got {difficulty}")
@@ -237,14 +246,14 @@ def word_problems(num_samples: int = 1000, seed: int = 0, split: str = "train", 
         q, answer, steps = _word_problem(rng, difficulty)
         return q, {"prompt": q, "answer": answer, "solution": "\n".join(steps) + f"\nThe answer is {answer}."}
 
-    return _draw("word_problems", split, num_samples, seed, test_fraction, make)
+    return _draw("word_problems", split, num_samples, seed, test_fraction, make, unique)
 
 
 # ---------------------------------------------------------------- reasoning-gym
 
 @register_task("gsm_symbolic")
 def gsm_symbolic(num_samples: int = 1000, seed: int = 0, split: str = "train", test_fraction: float = 0.1,
-                 **gym_options) -> list[dict]:
+                 unique: bool = False, **gym_options) -> list[dict]:
     """GSM8K-style problems from reasoning-gym's `gsm_symbolic`, with its worked solution as `solution`.
 
     Extra options go to reasoning-gym's dataset config (e.g. `difficulty`).
@@ -263,7 +272,7 @@ def gsm_symbolic(num_samples: int = 1000, seed: int = 0, split: str = "train", t
         solution = re.sub(r"\n?####.*$", "", cot.strip()).strip()
         return item["question"], {"prompt": item["question"], "answer": str(item["answer"]), "solution": solution}
 
-    return _draw("gsm_symbolic", split, num_samples, seed, test_fraction, make)
+    return _draw("gsm_symbolic", split, num_samples, seed, test_fraction, make, unique)
 
 
 # ---------------------------------------------------------------- multilingual (shipped subset)
@@ -299,7 +308,7 @@ def multilingual(num_samples: int | None = None, seed: int = 0, split: str = "tr
 
 @register_task("cold_start")
 def cold_start(num_samples: int = 1000, seed: int = 0, split: str = "train", source: str = "mixed",
-               difficulty: int = 2, test_fraction: float = 0.1) -> list[dict]:
+               difficulty: int = 2, test_fraction: float = 0.1, unique: bool = False) -> list[dict]:
     """Readable long-CoT samples for cold-start SFT: `completion` is `<think> worked solution </think> <answer> N </answer>`.
 
     `source`: word_problems, gsm_symbolic, arithmetic, or mixed (half word problems, half gsm_symbolic). Splits
@@ -308,12 +317,12 @@ def cold_start(num_samples: int = 1000, seed: int = 0, split: str = "train", sou
     sources = {"word_problems": word_problems, "gsm_symbolic": gsm_symbolic, "arithmetic": arithmetic}
     if source == "mixed":
         half = num_samples // 2
-        samples = (word_problems(half, seed, split, min(difficulty, 5), test_fraction)
-                   + gsm_symbolic(num_samples - half, seed, split, test_fraction))
+        samples = (word_problems(half, seed, split, min(difficulty, 5), test_fraction, unique)
+                   + gsm_symbolic(num_samples - half, seed, split, test_fraction, unique))
         random.Random(f"cold_start:{seed}").shuffle(samples)
     elif source in sources:
         kwargs = {"difficulty": difficulty} if source != "gsm_symbolic" else {}
-        samples = sources[source](num_samples, seed, split, test_fraction=test_fraction, **kwargs)
+        samples = sources[source](num_samples, seed, split, test_fraction=test_fraction, unique=unique, **kwargs)
     else:
         raise ConfigError(f"builtin:cold_start: source must be mixed or one of {', '.join(sources)}, got {source!r}")
     for s in samples:

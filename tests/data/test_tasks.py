@@ -46,6 +46,15 @@ def test_demo_arithmetic_split_partitions_the_whole_problem_space():
     assert not {s["prompt"] for s in train} & test
 
 
+def test_unique_draws_cover_the_test_space_without_repeats():
+    space = [f"{a}{op}{b}" for a in range(21) for b in range(21) for op in "+-" if op == "+" or a >= b]
+    n_test = sum(split_of("demo_arithmetic", p, 0.2) == "test" for p in space)
+    held_out = load_dataset("builtin:demo_arithmetic", split="test", num_samples=n_test, unique=True)
+    assert len({s["prompt"] for s in held_out}) == n_test
+    with pytest.raises(ConfigError, match="too small .* with unique=True"):
+        load_dataset("builtin:demo_arithmetic", split="test", num_samples=n_test + 1, unique=True)
+
+
 def test_seeded_and_deterministic():
     a = load_dataset("builtin:word_problems", num_samples=20, seed=5)
     b = load_dataset("builtin:word_problems", num_samples=20, seed=5)
