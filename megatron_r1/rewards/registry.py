@@ -16,6 +16,8 @@ class RewardFn(Protocol):
 
 
 _REGISTRY: dict[str, Callable] = {}
+# Built-ins whose modules pull in torch/Megatron: imported only when asked for by name.
+_HEAVY_BUILTINS = {"reward_model": "megatron_r1.rewards.reward_model"}
 
 
 def register_reward(name: str):
@@ -37,7 +39,7 @@ def register_reward(name: str):
 def available_rewards() -> list[str]:
     """The registered names, for error messages and `--help`."""
     _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) | set(_HEAVY_BUILTINS))
 
 
 def _load_builtins() -> None:
@@ -57,20 +59,28 @@ def _resolve(name: str):
         except AttributeError:
             raise ConfigError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}") from None
     _load_builtins()
+    if name not in _REGISTRY and name in _HEAVY_BUILTINS:
+        importlib.import_module(_HEAVY_BUILTINS[name])
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown reward {name!r}; known: {', '.join(sorted(_REGISTRY))} (or use 'pkg.module:function')")
+        raise ConfigError(f"unknown reward {name!r}; known: {', '.join(available_rewards())} "
+                          f"(or use 'pkg.module:function')")
     return _REGISTRY[name]
 
 
 def _check_options(name: str, target: Callable, options: dict, skip: int) -> None:
     """Fail at config time, not mid-run, when an option is misspelled."""
     params = list(inspect.signature(target).parameters.values())[skip:]
+    missing = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.name not in options]
+    if missing:
+        raise ConfigError(f"reward {name!r}: missing required option(s) {', '.join(missing)}")
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
     allowed = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ConfigError(f"reward {name!r}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed)) or 'none'}")
+        raise ConfigError(f"reward {name!r}: unknown option(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(allowed)) or 'none'}")
 
 
 def get_reward(name: str, **options) -> RewardFn:

@@ -21,6 +21,10 @@ def length_plugin(completions, samples, scale=1.0):
     return [scale * len(c) for c in completions]
 
 
+def needs_option(completions, samples, *, threshold):
+    return [float(len(c) > threshold) for c in completions]
+
+
 def nan_plugin(completions, samples):
     return [math.nan] * len(completions)
 
@@ -40,6 +44,7 @@ def test_dotted_plugin_name_and_options():
     ("accuracy", {"mode": "fuzzy"}, "mode must be"),
     ("tests.rewards.nope:fn", {}, "cannot import module"),
     (f"{__name__}:missing", {}, "has no attribute 'missing'"),
+    (f"{__name__}:needs_option", {}, "missing required option"),
 ])
 def test_config_errors_are_clear(name, options, message):
     with pytest.raises(ConfigError, match=message):
