@@ -18,13 +18,15 @@ def preview(source: str, template: str = "r1_zero", n: int = 3, field_map: dict 
     lines = [f"source: {source} (split {split})",
              f"samples: {report.loaded}" + (f", skipped bad rows: {report.skipped}" if report.skipped else ""),
              "fields: " + ", ".join(f"{k} {v}" for k, v in sorted(fields.items())),
-             f"formatted prompt chars ({template}): min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}"]
+             f"formatted prompt chars ({template}): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
+             f"max {lengths[-1]}"]
     if tokenizer:
         from megatron_r1.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
         ntok = sorted(len(tok.encode(tmpl.format(s["prompt"]))) for s in samples)
-        lines.append(f"formatted prompt tokens ({tokenizer}): min {ntok[0]}, median {ntok[len(ntok) // 2]}, max {ntok[-1]}")
+        lines.append(f"formatted prompt tokens ({tokenizer}): min {ntok[0]}, median {ntok[len(ntok) // 2]}, "
+                     f"max {ntok[-1]}")
     languages = Counter(s["language"] for s in samples if "language" in s)
     if languages:
         lines.append("languages: " + ", ".join(f"{k} {v}" for k, v in sorted(languages.items())))

@@ -68,7 +68,8 @@ def to_sample(row, field_map: dict[str, str], where: str) -> dict:
         value = row.get(column)
         if value is None:
             if required:
-                raise DataError(f"{where}: missing field {column!r}" + (f" (mapped to {name!r})" if column != name else ""))
+                mapped_note = f" (mapped to {name!r})" if column != name else ""
+                raise DataError(f"{where}: missing field {column!r}{mapped_note}")
             continue
         if not isinstance(value, types) or isinstance(value, bool):
             want = " or ".join(t.__name__ for t in types)

@@ -226,7 +226,8 @@ def _word_problem(rng: random.Random, scale: int) -> tuple[str, str, list[str]]:
         steps = [f"There are {a} * {b} = {a * b} {item} in total.",
                  f"Shared among {k} friends, each gets {a * b} / {k} = {a * b // k} {item}."]
         return q, str(a * b // k), steps
-    v, h, u, g = rng.randint(20, 40 * scale), rng.randint(1, 2 + scale), rng.randint(20, 40 * scale), rng.randint(1, 2 + scale)
+    v, u = rng.randint(20, 40 * scale), rng.randint(20, 40 * scale)
+    h, g = rng.randint(1, 2 + scale), rng.randint(1, 2 + scale)
     q = (f"A train travels at {v} km per hour for {h} hours and then at {u} km per hour for {g} hours. "
          f"How many kilometers does it travel in total?")
     steps = [f"In the first part it travels {v} * {h} = {v * h} km.",
@@ -309,7 +310,7 @@ def multilingual(num_samples: int | None = None, seed: int = 0, split: str = "tr
 @register_task("cold_start")
 def cold_start(num_samples: int = 1000, seed: int = 0, split: str = "train", source: str = "mixed",
                difficulty: int = 2, test_fraction: float = 0.1, unique: bool = False) -> list[dict]:
-    """Readable long-CoT samples for cold-start SFT: `completion` is `<think> worked solution </think> <answer> N </answer>`.
+    """Readable long-CoT samples for cold-start SFT; `completion` is `<think> solution </think> <answer> N </answer>`.
 
     `source`: word_problems, gsm_symbolic, arithmetic, or mixed (half word problems, half gsm_symbolic). Splits
     follow the source task's own hash split, so cold-start data never contains that task's test problems.

@@ -109,7 +109,8 @@ class DemoTokenizer(Tokenizer):
         (directory / DEMO_FILE).write_text(json.dumps({"type": "demo", "vocab": self.vocab}, ensure_ascii=False))
 
 
-_EOS_CANDIDATES = ["<\uff5cend\u2581of\u2581sentence\uff5c>", "<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<|end_of_text|>"]
+_EOS_CANDIDATES = ["<\uff5cend\u2581of\u2581sentence\uff5c>", "<|endoftext|>", "<|im_end|>", "</s>", "<eos>",
+                   "<|end_of_text|>"]
 _BOS_CANDIDATES = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<s>", "<bos>", "<|begin_of_text|>"]
 
 
@@ -131,7 +132,8 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._special(config.get("eos_token"), _EOS_CANDIDATES)
         if self.eos_id is None:
-            raise ConfigError(f"tokenizer {file}: cannot find the end-of-sequence token; set eos_token in tokenizer_config.json")
+            raise ConfigError(f"tokenizer {file}: cannot find the end-of-sequence token; "
+                              f"set eos_token in tokenizer_config.json")
         self.bos_id = self._special(config.get("bos_token"), _BOS_CANDIDATES)
         pad = self._special(config.get("pad_token"), ["<pad>", "<|pad|>", "[PAD]"])
         self.pad_id = self.eos_id if pad is None else pad

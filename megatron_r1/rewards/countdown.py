@@ -1,4 +1,4 @@
-"""`countdown` reward: does the answer expression reach `sample["target"]` using `sample["numbers"]` at most once each?"""
+"""`countdown` reward: does the answer reach `sample["target"]` using `sample["numbers"]`, each at most once?"""
 from __future__ import annotations
 
 import ast

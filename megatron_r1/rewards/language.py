@@ -58,7 +58,8 @@ def _latin_share(runs: list[list[str]], target: str) -> float:
         if len(run) <= _SHORT_RUN:
             # One or two words between formulas ("then", "so") are ambiguous across languages: count them unless
             # the target is clearly less likely than the best guess.
-            conf = {c.language.iso_code_639_1.name.lower(): c.value for c in detector.compute_language_confidence_values(text)}
+            conf = {c.language.iso_code_639_1.name.lower(): c.value
+                    for c in detector.compute_language_confidence_values(text)}
             hits += len(run) * (conf.get(target, 0.0) >= 0.5 * max(conf.values(), default=0.0) > 0.0)
             continue
         sections = detector.detect_multiple_languages_of(text) if len(run) >= _MIXED_MIN_WORDS else []

@@ -215,7 +215,8 @@ def run_python(source: str, stdin: str = "", limits: SandboxLimits = SandboxLimi
         with open(os.path.join(workdir, "stdin.txt"), "rb") as fin, \
                 open(os.path.join(workdir, "stdout.txt"), "wb") as fout, \
                 open(os.path.join(workdir, "stderr.txt"), "wb") as ferr:
-            proc = subprocess.Popen([caps.python, "-I", "-B", boot, program] if audit_hook else [caps.python, "-I", "-B", program], stdin=fin, stdout=fout, stderr=ferr,
+            argv = [caps.python, "-I", "-B"] + ([boot, program] if audit_hook else [program])
+            proc = subprocess.Popen(argv, stdin=fin, stdout=fout, stderr=ferr,
                                     cwd=workdir, env=env, close_fds=True,
                                     preexec_fn=_preexec(limits, caps.network_namespace, caps.drop_uid))
             try:
