@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from megatron_r1.config import Config, validate_world_size
 from megatron_r1.errors import ConfigError
-from megatron_r1.planning.params import (ParamCount, count_params, is_moe_layer, padded_vocab_size, stage_layers,
+from megatron_r1.planning.params import (ParamCount, count_params, is_moe_layer, stage_layers,
                                          stage_params_per_gpu)
 
 GIB = 1024 ** 3
@@ -51,7 +51,7 @@ class Plan:
     layout: Layout
     total_params: int  # main model without MTP (DeepSeek-V3: the "671B")
     mtp_params: int
-    trainable_params: int  # what Megatron instantiates: main + MTP
+    trainable_params: int  # what Megatron instantiates: main + MTP, embedding/output rows padded
     hf_checkpoint_params: int  # DeepSeek's HF checkpoint: MTP with its own embedding/head copies (the "685B")
     active_params_per_token: int
     params_per_gpu: int
@@ -82,11 +82,13 @@ def resolve_layout(cfg: Config, world: int, micro_batch_size: int | None = None)
 
 
 # ----------------------------------------------------------------------------------------------- activations
-def layer_activation_elements(cfg: Config, index: int, tp: int) -> float:
+def layer_activation_elements(cfg: Config, index: int, tp: int, etp: int = 1) -> float:
     """Activation elements kept for backward per token by decoder layer `index` on one TP rank (no recompute).
 
-    With sequence parallelism, norms and residuals hold s/t tokens; head-sharded tensors hold n/t heads; routed
-    experts see the rank's s/t tokens, each dispatched to top-k experts. MLA's latents are replicated over TP.
+    With sequence parallelism, norms and residuals hold s/t tokens; head-sharded tensors hold n/t heads. Routed
+    experts: each of the rank's s/t tokens goes to top-k experts; an expert split over `etp` ranks sees the tokens of
+    its whole expert-TP group at full hidden width and 1/etp of its FFN width (balanced routing assumed). MLA's
+    latents are replicated over TP.
     """
     m = cfg.model
     h, n = m.hidden_size, m.num_attention_heads
@@ -106,8 +108,9 @@ def layer_activation_elements(cfg: Config, index: int, tp: int) -> float:
     elems += 2 * h / tp  # pre-MLP norm input and the MLP's input
     if is_moe_layer(m, index):
         k = m.moe_router_topk
-        # router scores in fp32 (2 elements each), tokens permuted to k experts and back, each expert's SwiGLU
-        elems += (2 * 2 * m.num_experts + k * (2 * h + 3 * m.moe_ffn_hidden_size)) / tp
+        # router logits and scores in fp32 (2 elements each); tokens permuted to k experts and back at full width,
+        # gathered over expert TP; each expert's SwiGLU (fc1 output, activation) on its 1/etp slice
+        elems += (2 * 2 * m.num_experts + k * (2 * h * etp + 3 * m.moe_ffn_hidden_size)) / tp
         elems += 3 * (m.moe_shared_expert_intermediate_size or 0) / tp
     else:
         elems += 3 * m.ffn_hidden_size / tp  # fc1 output (gate and up) and the activation fed to fc2
@@ -122,13 +125,13 @@ def stage_activation_bytes(cfg: Config, lay: Layout, stage: int, mbs: int, act_b
     last = stage == lay.pp - 1
     if last and m.mtp_num_layers:
         layers += [m.num_layers - 1] * m.mtp_num_layers  # an MTP module runs a layer shaped like the last one
-    per_layer = [layer_activation_elements(cfg, i, lay.tp) * tokens * act_bytes for i in layers]
+    per_layer = [layer_activation_elements(cfg, i, lay.tp, lay.etp) * tokens * act_bytes for i in layers]
     in_flight = min(lay.pp - stage, lay.num_microbatches)
     logits = 0.0
     if last:
         # fp32 logits of the main head and of every MTP head, one micro-batch at a time on the last stage
         heads = 1 + (m.mtp_num_layers or 0)
-        logits = heads * tokens * padded_vocab_size(m.vocab_size, lay.tp) / lay.tp * 4
+        logits = heads * tokens * m.padded_vocab_size(lay.tp) / lay.tp * 4
     full = in_flight * sum(per_layer) + logits
     layer_input = m.hidden_size / lay.tp * tokens * act_bytes
     recompute = in_flight * len(layers) * layer_input + (max(per_layer) if per_layer else 0.0) + logits
@@ -206,7 +209,7 @@ def plan_memory(cfg: Config, nodes: int, gpus_per_node: int = 8, gpu_memory_gb: 
         notes.append("rl.reference_offload: reference weights live in host memory")
     return Plan(
         config=source, stage_kind=cfg.stage, layout=lay, total_params=counts.main, mtp_params=counts.mtp.total,
-        trainable_params=counts.trainable, hf_checkpoint_params=counts.hf_checkpoint,
+        trainable_params=count_params(m, padded=True).trainable, hf_checkpoint_params=counts.hf_checkpoint,
         active_params_per_token=counts.active_per_token, params_per_gpu=shard.total, worst_stage=stage,
         recompute=recompute, micro_batch_size=mbs, seq_length=m.seq_length, kv_cache_tokens_per_gpu=kv_tokens,
         gpu_memory_gb=gpu_memory_gb, per_gpu_gb=per_gpu,

@@ -17,13 +17,6 @@ from dataclasses import dataclass
 from megatron_r1.config import ModelConfig, ParallelConfig
 
 
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Megatron's vocab padding (same rule as models.builder.padded_vocab_size, which imports torch; a test keeps
-    the two equal so planning stays torch-free and fast)."""
-    step = multiple * tp
-    return ((vocab_size + step - 1) // step) * step
-
-
 # ----------------------------------------------------------------------------------------------- one layer
 def attention_params(m: ModelConfig) -> int:
     """Self-attention of one layer including its input RMSNorm."""
@@ -102,7 +95,7 @@ class Split:
 # ----------------------------------------------------------------------------------------------- whole model
 @dataclass(frozen=True)
 class ParamCount:
-    """Whole-model counts (unpadded vocab). `main` is the model without MTP: DeepSeek-V3's "671B"."""
+    """Whole-model counts. `main` is the model without MTP: DeepSeek-V3's "671B"."""
 
     embedding: int
     output: int  # 0 when tied to the embedding
@@ -128,9 +121,12 @@ class ParamCount:
         return self.trainable + self.expert_bias + self.mtp_layers * 2 * self.embedding
 
 
-def count_params(m: ModelConfig) -> ParamCount:
-    """Exact parameter counts for model `m` (see module docstring for what Megatron builds)."""
-    h, v = m.hidden_size, m.vocab_size
+def count_params(m: ModelConfig, padded: bool = False) -> ParamCount:
+    """Exact parameter counts for model `m` (see module docstring for what Megatron builds). `padded`: embedding and
+    output rows as the builder pads them (`ModelConfig.padded_vocab_size`), i.e. what Megatron instantiates; the
+    default counts the tokenizer's vocab, as published figures do."""
+    h = m.hidden_size
+    v = m.padded_vocab_size() if padded else m.vocab_size
     decoder = Split(dense=h)  # final RMSNorm
     active = v * h + (0 if not m.untie_embeddings_and_output_weights else v * h) + h
     for i in range(m.num_layers):
@@ -209,7 +205,7 @@ def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int, te_spec:
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
     h = m.hidden_size
-    vocab_shard = padded_vocab_size(m.vocab_size, tp) // tp * h
+    vocab_shard = m.padded_vocab_size(tp) // tp * h
     total = Split()
     for i in stage_layers(m, pp, stage):
         total = total + layer_params_per_gpu(m, i, tp, ep, etp, te_spec)

@@ -21,7 +21,7 @@ def test_tiny_weights_grads_optimizer_by_hand():
             "parallel.use_distributed_optimizer=true", "training.precision=bf16", "training.global_batch_size=16")
     plan = plan_memory(c, nodes=1, gpus_per_node=4, overhead_gb=0)
     experts_per_gpu = 3 * 2 * (3 * 256 * 384)  # 3 MoE layers × 2 of the 4 experts here × one SwiGLU expert
-    dense = TINY_MAIN - 3 * TINY_EXPERTS
+    dense = TINY_MAIN - 3 * TINY_EXPERTS + 2 * (1024 - 512) * 256  # embedding and output padded to 1024 rows
     per_gpu = dense + experts_per_gpu
     g = plan.per_gpu_gb
     assert plan.params_per_gpu == per_gpu
@@ -35,7 +35,7 @@ def test_tiny_weights_grads_optimizer_by_hand():
 def test_optimizer_replicated_without_distributed_optimizer():
     c = cfg("model.preset=deepseek_v3_tiny", "training.precision=bf16")
     plan = plan_memory(c, nodes=1, gpus_per_node=4)
-    assert plan.per_gpu_gb["optimizer"] == round(TINY_MAIN * 12 / GIB, 3)
+    assert plan.per_gpu_gb["optimizer"] == round((TINY_MAIN + 2 * 512 * 256) * 12 / GIB, 3)  # + vocab padding
     assert any("use_distributed_optimizer" in n for n in plan.notes)
 
 
@@ -61,7 +61,7 @@ def test_one_f_one_b_in_flight_and_recompute():
     assert full0 == 2 * per_layer  # first stage: PP = 2 micro-batches in flight × its one layer
     assert rc0 == 2 * 1 * 128 * 256 * 2 + per_layer  # layer inputs of 2 micro-batches + one layer re-run
     full1, _ = stage_activation_bytes(c, lay, 1, 1, 2)
-    assert full1 == per_layer + 256 * 512 * 4  # last stage: 1 in flight + fp32 logits
+    assert full1 == per_layer + 256 * 1024 * 4  # last stage: 1 in flight + fp32 logits over the padded vocab
 
 
 def test_mla_kv_cache_by_hand():
@@ -123,3 +123,18 @@ def test_cli_text_and_user_error(tmp_path, capsys):
     assert "fits" in capsys.readouterr().out
     assert top(["plan", str(path), "parallel.tensor_model_parallel_size=3"]) == 2
     assert "parallel.tensor_model_parallel_size" in capsys.readouterr().err
+
+
+def test_moe_layer_activation_elements_by_hand():
+    # deepseek_v3_tiny layer 1 (MoE): h 256, 4 heads, q_lora 96, kv_lora 64, qk 32 + 16, v 32, 4 experts top-2 of
+    # width 384, shared expert 384.
+    c = cfg("model.preset=deepseek_v3_tiny")
+    attn = (2 * 256 + 2 * 96 + (64 + 16) + 64
+            + 4 * 48 + 4 * (32 + 32) + 2 * 4 * 48 + 2 * 4 * 32)  # q_up, kv_up outputs; q, k, v, attention output
+    moe = 2 * 256 + 2 * 2 * 4 + 2 * (2 * 256 + 3 * 384) + 3 * 384
+    assert layer_activation_elements(c, 1, tp=1) == attn + moe
+    # TP 2 and expert TP 2: head-sharded and token-split terms halve, MLA latents do not; each expert rank sees
+    # both TP ranks' tokens at full hidden width.
+    attn2 = (2 * 256) / 2 + 2 * 96 + (64 + 16) + 64 + (4 * 48 + 4 * 64 + 2 * 4 * 48 + 2 * 4 * 32) / 2
+    moe2 = (2 * 256 + 2 * 2 * 4 + 2 * (2 * 256 * 2 + 3 * 384) + 3 * 384) / 2
+    assert layer_activation_elements(c, 1, tp=2, etp=2) == attn2 + moe2

@@ -4,7 +4,7 @@ import pytest
 
 from megatron_r1.config import load_config
 from megatron_r1.planning import count_params
-from megatron_r1.planning.params import padded_vocab_size, stage_params_per_gpu
+from megatron_r1.planning.params import stage_params_per_gpu
 
 
 def model(preset, *overrides):
@@ -79,7 +79,7 @@ def test_deepseek_v3_largest_stage_by_hand():
     dense_layer = attn + 7168 + 3 * 7168 * 18432 // 8
     moe_dense = attn + 7168 + 256 * 7168 + 3 * 7168 * 2048 // 8
     moe_expert = (256 // 64) * 3 * 7168 * 2048 // 8
-    vocab_shard = 130048 // 8 * 7168  # 129280 padded to a multiple of 128 × 8
+    vocab_shard = 130048 // 8 * 7168  # 129280 padded to a multiple of 1024
     s = stage_params_per_gpu(m, p, 0)
     assert s.expert == 59 * moe_expert
     assert s.dense == (2 * vocab_shard + 3 * dense_layer + 59 * moe_dense + 7168
@@ -91,18 +91,16 @@ def test_tiny_pipeline_stages_with_mtp_by_hand():
                              "parallel.pipeline_model_parallel_size=2"])
     first = stage_params_per_gpu(cfg.model, cfg.parallel, 0)
     last = stage_params_per_gpu(cfg.model, cfg.parallel, 1)
-    assert first.total == 512 * 256 + TINY_DENSE_LAYER + TINY_MOE_DENSE_PART + TINY_EXPERTS
+    assert first.total == 1024 * 256 + TINY_DENSE_LAYER + TINY_MOE_DENSE_PART + TINY_EXPERTS  # padded embedding
     mtp = 3 * 256 + 2 * 256 * 256 + TINY_MOE_DENSE_PART + TINY_EXPERTS
     # layers 2-3, final norm, output layer, MTP module, and the MTP's copy of the embedding
-    assert last.total == 2 * (TINY_MOE_DENSE_PART + TINY_EXPERTS) + 256 + 512 * 256 + mtp + 512 * 256
+    assert last.total == 2 * (TINY_MOE_DENSE_PART + TINY_EXPERTS) + 256 + 1024 * 256 + mtp + 1024 * 256
 
 
-def test_padded_vocab_matches_model_builder():
-    from megatron_r1.models import padded_vocab_size as builder_padded
-
-    for v in (512, 129280, 151936, 49152, 1000):
-        for tp in (1, 2, 8):
-            assert padded_vocab_size(v, tp) == builder_padded(v, tp)
+def test_padded_counts_add_the_builders_padding_rows():
+    c = count_params(model("deepseek_v3_tiny"), padded=True)
+    assert c.trainable == TINY_MAIN + 2 * (1024 - 512) * 256  # embedding and output padded to 1024 rows
+    assert count_params(model("deepseek_v3"), padded=True).main == V3_MAIN + 2 * (130048 - 129280) * 7168
 
 
 # ----------------------------------------------------------------------------------------------- vs Megatron
@@ -136,7 +134,7 @@ def test_counts_equal_megatron_model_single_process():
 
     [results] = run_distributed(_megatron_counts, 1, SINGLE)
     for overrides, (params, bias, _) in zip(SINGLE, results):
-        c = count_params(load_config(None, overrides).model)
+        c = count_params(load_config(None, overrides).model, padded=True)
         assert c.trainable == params, overrides
         assert c.expert_bias == bias, overrides
 
