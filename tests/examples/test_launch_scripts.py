@@ -103,3 +103,18 @@ def test_env_overrides_world_size(tmp_path):
 def test_unknown_argument_is_rejected(tmp_path):
     res = _run(EXAMPLES / "torchrun" / "cold_start_sft.sh", tmp_path, "--nodes")
     assert res.returncode == 2 and "unexpected argument '--nodes'" in res.stderr
+
+
+@pytest.mark.parametrize("script", SLURM, ids=lambda p: p.name)
+def test_quoted_plan_figures_are_current(script):
+    """The memory figures quoted in a script's comment are what `megatron-r1 plan` prints today."""
+    from megatron_r1.planning import plan_memory
+
+    text = script.read_text()
+    quoted = re.search(r"`megatron-r1 plan (\S+\.yaml) --nodes (\d+)[^`]*`", text)
+    if quoted is None:
+        assert script.stem == "convert_checkpoint", f"{script.name}: no planner figures quoted"
+        return
+    plan = plan_memory(load_config(ROOT / quoted.group(1)), nodes=int(quoted.group(2)))
+    total = float(re.search(r"total ([\d.]+) (?:GiB )?(?:of|per)", text[quoted.end():]).group(1))
+    assert total == pytest.approx(plan.per_gpu_gb["total"], abs=0.01), script.name
