@@ -12,8 +12,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megatron-r1 plan", description=__doc__)
     ap.add_argument("config", help="YAML config (its parallel section is the layout)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.expert_model_parallel_size=64")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes in the allocation (default 1)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="usable memory per GPU, GiB")
     ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                     help="plan with full activation recompute (default: training.recompute_activations)")
