@@ -31,7 +31,11 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None  # GQA groups for dense models; None = multi-head
     kv_channels: Optional[int] = None  # head dim of dense models; None = hidden / heads
-    vocab_size: int = 512  # tokenizer vocab; padded for TP by the model builder
+    vocab_size: int = 512  # tokenizer vocab; padded by the model builder (see vocab_pad_multiple)
+    # Embedding/output rows are padded to a multiple of this, independent of the TP size (any power of two up to
+    # it divides the result), so a checkpoint saved at one TP size loads at another; Megatron's own rule (a
+    # multiple of 128 × TP) would change the shapes with TP.
+    vocab_pad_multiple: int = 128
     max_position_embeddings: int = 512
     seq_length: int = 256  # training sequence length (prompt + response in RL)
     norm_epsilon: float = 1e-6
@@ -69,6 +73,19 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
     mtp_num_layers: Optional[int] = None  # multi-token prediction depth (DeepSeek-V3: 1)
     mtp_loss_scaling_factor: float = 0.1
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Rows of the embedding and output layer: vocab_size rounded up to vocab_pad_multiple (and to a multiple
+        of TP when that one is not); the same at every TP size that divides the multiple."""
+        return padded_vocab_size(self.vocab_size, tp, self.vocab_pad_multiple)
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
+    """See ModelConfig.padded_vocab_size (a plain function for callers that only have the numbers)."""
+    import math
+
+    step = multiple if multiple % tp == 0 else math.lcm(multiple, tp)
+    return ((vocab_size + step - 1) // step) * step
 
 
 @dataclass
@@ -249,6 +266,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "3e-3" as a string; people write learning rates that way.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -12,14 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_r1.config import ModelConfig, ParallelConfig
+from megatron_r1.config import ModelConfig, ParallelConfig, padded_vocab_size  # noqa: F401 (re-exported)
 from megatron_r1.parallel import cpu_compat
 
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Megatron pads the vocab so every TP shard has the same, aligned size."""
-    step = multiple * tp
-    return ((vocab_size + step - 1) // step) * step
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -188,7 +183,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, precision: str = "auto", pre_
     model = GPTModel(
         config=tconfig,
         transformer_layer_spec=block,
-        vocab_size=padded_vocab_size(m.vocab_size, p.tensor_model_parallel_size),
+        vocab_size=m.padded_vocab_size(p.tensor_model_parallel_size),
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -200,6 +195,25 @@ def build_model(m: ModelConfig, p: ParallelConfig, precision: str = "auto", pre_
         mtp_block_spec=mtp,
         vp_stage=vp_stage,
     )
+    _mark_expert_params_for_expert_dp(model, tconfig)
     if torch.cuda.is_available():
         model = model.cuda()
     return model
+
+
+def _mark_expert_params_for_expert_dp(model, tconfig) -> None:
+    """Route routed-expert gradients to the expert data-parallel all-reduce whenever that group differs from DP.
+
+    Megatron-Core 0.16.1 marks expert weights `allreduce=False` (-> DDP's expert buffers, reduced over the
+    expert-DP group) only when EP > 1. With TP > 1, expert TP = 1 and EP = 1 every TP rank runs full expert copies
+    on its own sequence-parallel tokens, so the expert grads must also be summed over the TP ranks; left in the
+    dense buffers (reduced over DP only) each TP rank keeps its partial gradient and the replicas drift apart
+    (caught by tests/parallel/test_parity.py).
+    """
+    if not tconfig.num_moe_experts or tconfig.expert_model_parallel_size > 1:
+        return
+    if (tconfig.expert_tensor_parallel_size or tconfig.tensor_model_parallel_size) == tconfig.tensor_model_parallel_size:
+        return
+    for name, param in model.named_parameters():
+        if ".experts." in name and ".shared_experts." not in name:
+            param.allreduce = False

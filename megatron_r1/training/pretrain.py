@@ -9,7 +9,6 @@ import math
 import time
 from functools import partial
 
-import torch
 
 from megatron_r1.config import Config
 from megatron_r1.errors import ConfigError

@@ -71,3 +71,8 @@ def test_override_values_are_yaml():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=null") == (["a"], None)
     assert parse_override("a.b=true") == (["a", "b"], True)
+
+
+def test_exponent_floats_without_a_dot():
+    cfg = load_config(None, ["optimizer.lr=3e-3"])
+    assert cfg.optimizer.lr == 3e-3

@@ -16,7 +16,6 @@ from megatron_r1.config import ModelConfig
 from megatron_r1.checkpoint.convert.hf_io import HFCheckpoint
 from megatron_r1.checkpoint.convert.mapping import VOCAB_PARAMS, HFOptions, Rule, build_rules
 from megatron_r1.errors import CheckpointError
-from megatron_r1.models import padded_vocab_size
 
 # Buffers that are state (converted); the others (rotary caches, token counters) are recomputed.
 STATE_BUFFERS = ("expert_bias",)
@@ -69,7 +68,7 @@ def shard_for_rank(global_name: str, local_name: str, full: torch.Tensor, target
     """This rank's slice of `full` (a global tensor) shaped like `target`: vocab padding, TP split, SwiGLU halves."""
     rank, size = _tp_rank_size(local_name)
     if global_name in VOCAB_PARAMS:
-        rows = padded_vocab_size(vocab_size, size)
+        rows = target.shape[0] * size  # the model's own padded vocab (its shard × TP)
         if full.shape[0] != vocab_size:
             raise CheckpointError(f"{global_name}: {full.shape[0]} vocab rows, config says vocab_size={vocab_size}")
         full = torch.cat([full, full.new_zeros(rows - vocab_size, *full.shape[1:])]) if rows > vocab_size else full

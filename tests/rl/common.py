@@ -1,0 +1,26 @@
+"""A tiny GRPO config shared by the RL tests."""
+from megatron_r1.config import config_from_dict
+
+TINY = {"preset": "deepseek_v3_tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+        "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16,
+        "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "moe_ffn_hidden_size": 64,
+        "moe_shared_expert_intermediate_size": 64, "vocab_size": 384, "seq_length": 128,
+        "max_position_embeddings": 160}
+
+
+def grpo_config(tmp, overrides=(), **sections):
+    base = {
+        "stage": "grpo", "model": dict(TINY), "tokenizer": {"path": "builtin:demo"},
+        "data": {"source": "builtin:demo_arithmetic", "template": "plain", "options": {"num_samples": 64, "seed": 1}},
+        "training": {"train_steps": 3, "micro_batch_size": 16, "global_batch_size": 16, "seed": 5},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "lr_warmup_steps": 0, "lr_decay_style": "constant"},
+        "rl": {"prompts_per_step": 4, "group_size": 4, "max_prompt_length": 16, "max_response_length": 8,
+               "mini_batch_size": 16, "kl_coef": 0.0},
+        "generation": {"temperature": 1.0, "max_batch_size": 16},
+        "rewards": [{"name": "tests.rl.plugin_rewards:says_think"}],
+        "logging": {"run_dir": f"{tmp}/run", "progress": False, "plots": False},
+        "checkpoint": {"save": f"{tmp}/ckpt", "save_interval": 0},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return config_from_dict(base, list(overrides))
