@@ -51,7 +51,7 @@ setup(
     version="0.1.0",
     description="DeepSeek-R1 training recipe (R1-Zero GRPO, four-stage R1, distillation) on NVIDIA Megatron-Core",
     packages=find_packages(include=["megatron_r1", "megatron_r1.*"]),
-    package_data={"megatron_r1": ["assets/*", "csrc/*"]},
+    package_data={"megatron_r1": ["data/assets/*"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=install_requires,

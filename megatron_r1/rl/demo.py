@@ -98,7 +98,7 @@ def evaluate_checkpoint(cfg, ckpt_dir: str, k: int, num_problems: int, seed: int
     model.eval()
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     options = dict(cfg.data.options)
-    options["num_samples"] = num_problems
+    options.update(num_samples=num_problems, unique=True)  # distinct held-out problems
     samples = load_dataset(cfg.data.source, split="test", **options)[:num_problems]
     max_new = cfg.rl.max_response_length
     engine = Engine(model, tokenizer=tokenizer, max_batch_size=cfg.generation.max_batch_size,
