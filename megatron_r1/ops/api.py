@@ -1,6 +1,4 @@
 """The public ops, each routed to the backend dispatch.py selects for its tensors' device."""
-import torch
-
 from . import chunked, reference
 from .dispatch import rows_for, select_backend
 from .loss import PolicyLossConfig, aggregation_weights, policy_metrics, tis_weights

@@ -19,6 +19,7 @@ import torch
 
 from . import _tp
 from .loss import PolicyLossConfig, aggregation_weights, policy_metrics, tis_weights, token_terms
+from .reference import grpo_policy_loss
 
 # Bytes of fp32 logits per chunk. Large enough that grad_weight += gᵀ·h amortizes its read-modify-write of
 # grad_weight over many tokens, small enough to stay far below the [T, V] buffers naive torch holds.
@@ -95,7 +96,7 @@ def combine(lse_l, tgt_l, ez_l, tp_group):
 
 
 def _chunk_stats(rows, x, tokens, start, inv_temp, want_ent, tp_group):
-    lse_l, tgt_l, _, ez_l, state = rows.stats_(x, tokens, start, 1.0 if inv_temp is None else inv_temp, want_ent)
+    lse_l, tgt_l, _, ez_l, state = rows.stats_(x, tokens, start, inv_temp, want_ent)
     lse, tgt, ent = combine(lse_l, tgt_l, ez_l, tp_group)
     return lse, tgt, ent, state
 
@@ -282,8 +283,6 @@ def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, re
     flat_tok = tokens.reshape(-1)
     if cfg.ratio_level == "sequence":
         # a sequence ratio couples every token of an answer, so no token's gradient is known chunk by chunk
-        from .reference import grpo_policy_loss
-
         logp = token_logprobs(flat_h, weight, flat_tok, temperature, False, tp_group, rows=rows,
                               chunk_tokens=chunk_tokens).view(b, l)
         loss, metrics = grpo_policy_loss(logp, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,

@@ -5,6 +5,8 @@ A chunk of logits x [c, V] is the only large buffer: every pass transforms it in
 """
 import torch
 
+from .chunked import _zeros_like_or
+
 
 def _target_index(tokens, vocab_start, v_local):
     local = tokens.long() - vocab_start
@@ -15,10 +17,6 @@ def _target_index(tokens, vocab_start, v_local):
 def _add_onehot_(g, idx, in_shard, value):
     g.scatter_add_(1, idx[:, None], torch.where(in_shard, value, torch.zeros_like(value))[:, None])
     return g
-
-
-def _zeros_if_none(g, like):
-    return torch.zeros_like(like) if g is None else g.float()
 
 
 class TorchRows:
@@ -50,14 +48,14 @@ class TorchRows:
     def grad_after_stats_(self, x, state, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent):
         """dL/dx in place of x, after stats_ left there the local softmax (or z − m, with exp(z − m) aside)."""
         kind, a, e = state
-        g_lp = _zeros_if_none(g_lp, lse)
+        g_lp = _zeros_like_or(g_lp, lse)
         if kind == "softmax":
             # local softmax · exp(lse_local − lse) is the softmax over the whole (TP-sharded) vocabulary
             x.mul_((-g_lp * torch.exp(a - lse) * inv_temp)[:, None])
         else:
             # x holds z − m; log p = x − (lse − m); dH/dz = −p (log p + H)
             m = a
-            g_ent = _zeros_if_none(g_ent, lse)
+            g_ent = _zeros_like_or(g_ent, lse)
             x.add_((ent - (lse - m))[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
             x.mul_(e).mul_((-torch.exp(m - lse) * inv_temp)[:, None])
         idx, in_shard = _target_index(tokens, vocab_start, x.shape[1])
@@ -65,7 +63,7 @@ class TorchRows:
 
     def grad_from_logits(self, x, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent, out):
         """dL/dx into `out` from raw logits x (fp32, scratch) and the global lse / entropy."""
-        g_lp = _zeros_if_none(g_lp, lse)
+        g_lp = _zeros_like_or(g_lp, lse)
         x.mul_(inv_temp).sub_(lse[:, None])  # log p
         if g_ent is None:
             x.exp_().mul_((-g_lp * inv_temp)[:, None])

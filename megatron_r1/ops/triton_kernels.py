@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked import _zeros_like_or
+
 
 @triton.jit
 def _lse_fwd_kernel(x_ptr, stride_x, tok_ptr, lse_ptr, tgt_ptr, ez_ptr, vocab_start, V, inv_temp,
@@ -93,7 +95,7 @@ class TritonRows:
         c, v = x.shape
         if c == 0:
             return out
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_lp = _zeros_like_or(g_lp, lse)
         has_ent = g_ent is not None
         ent_t = ent.float().contiguous() if has_ent else lse
         g_ent_t = g_ent.float().contiguous() if has_ent else lse
