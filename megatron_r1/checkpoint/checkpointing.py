@@ -1,0 +1,314 @@
+"""Save and load training state with megatron.core.dist_checkpointing, committed atomically (see layout.py).
+
+A checkpoint holds, in one dist_checkpointing directory:
+  model       the model's sharded state dict (any TP/PP/EP layout can load it: tensors are saved as global shards)
+  optimizer   `optimizer.sharded_state_dict(model_sd)` (Adam moments sharded like their parameters)
+  rng_state   one ShardedObject entry per global rank (rng.py)
+  common      step, consumed_samples, scheduler state, TrainState.extra, the saving layout (rank 0's copy)
+and beside it `config.yaml`, the run's configuration, for humans and tools.
+
+Every rank calls save/load together (they are collective). Errors a user can act on (no checkpoint where one is
+named, a damaged one, one that does not fit the model) are CheckpointError naming the path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_r1.checkpoint import layout, rng
+from megatron_r1.errors import CheckpointError
+from megatron_r1.parallel import cpu_compat
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.yaml"
+
+# ----------------------------------------------------------------------------------------------- collectives
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _agree(value):
+    """Rank 0's `value` on every rank (a name for the temporary directory all ranks write into)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _require_dist() -> None:
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "checkpointing needs torch.distributed (call megatron_r1.parallel.init_parallel first, even for one "
+            "process)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- state dicts
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _chunks(model) -> list:
+    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def _model_keys(chunks: list) -> list[str]:
+    # Megatron-LM's naming: one chunk is "model", virtual pipeline chunks are "model0", "model1", ...
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _model_sharded(chunks: list) -> dict:
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+
+
+def _merged(model_sd: dict) -> dict:
+    """All chunks' sharded tensors in one dict: what the optimizer maps its parameters against."""
+    merged = {}
+    for sd in model_sd.values():
+        merged.update(sd)
+    return merged
+
+
+def _dist_save(sharded_sd: dict, directory: Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    cpu_compat.install()  # (16) dist_checkpointing's writer assumes a GPU
+    dist_checkpointing.save(sharded_sd, str(directory))
+
+
+def _dist_load(sharded_sd: dict, directory: Path) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    cpu_compat.install()  # (16) dist_checkpointing's writer assumes a GPU
+    try:
+        return dist_checkpointing.load(sharded_sd, str(directory))
+    except CheckpointingException as e:
+        # Typically: the checkpoint lacks tensors this model has, or shapes differ (another architecture).
+        raise CheckpointError(f"{directory}: does not match this model ({e})") from None
+    except (OSError, EOFError, RuntimeError) as e:
+        raise CheckpointError(f"{directory}: could not be read ({type(e).__name__}: {e})") from None
+
+
+def _load_common(directory: Path) -> dict:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+    except (CheckpointingException, OSError, EOFError, RuntimeError) as e:
+        raise CheckpointError(f"{directory}: could not read common.pt ({type(e).__name__}: {e})") from None
+    return common
+
+
+def _run_token() -> str:
+    return _agree(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def save_checkpoint(state, save_dir: str | Path, keep_last: int = 2) -> Path:
+    """Save `state` (a TrainState) as `save_dir/iter_<step>/`; collective. Returns the committed directory.
+
+    Written to `iter_<step>.tmp-<id>/` first, renamed into place once every rank finished, then `latest` moves.
+    Leftover temporary directories of crashed saves are removed here; with `keep_last` > 0 only that many
+    committed iterations are kept.
+    """
+    _require_dist()
+    from megatron_r1.config import dump_yaml
+
+    save_dir = Path(save_dir)
+    rank, world = _rank(), _world()
+    tmp = save_dir / layout.temp_dir_name(state.step, _run_token())
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in layout.remove_stale_temps(save_dir):
+            log.warning("removed %s, left by an interrupted save", stale)
+        tmp.mkdir()
+    _barrier()
+
+    chunks = _chunks(state.model)
+    model_sd = _model_sharded(chunks)
+    sharded_sd = dict(model_sd)
+    sharded_sd["optimizer"] = state.optimizer.sharded_state_dict(_merged(model_sd))
+    sharded_sd[rng.RNG_KEY] = rng.sharded(rank, world, rng.capture())
+    ctx = state.ctx
+    sharded_sd["common"] = {
+        "format_version": FORMAT_VERSION,
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "extra": dict(state.extra),
+        "world_size": world,
+        "layout": {"tp": ctx.tp_size, "pp": ctx.pp_size, "ep": ctx.ep_size, "dp": ctx.dp_size},
+    }
+    _dist_save(sharded_sd, tmp)
+    if rank == 0:
+        (tmp / CONFIG_FILE).write_text(dump_yaml(state.config))
+    _barrier()  # every rank's shards are on disk: only now may the directory become visible as a checkpoint
+
+    final = save_dir / layout.iteration_dir_name(state.step)
+    if rank == 0:
+        layout.commit(save_dir, tmp, state.step)
+        for old in layout.prune(save_dir, keep_last):
+            log.info("removed old checkpoint %s (keep_last=%d)", old, keep_last)
+    _barrier()
+    return final
+
+
+def load_checkpoint(state, load_dir: str | Path, load_optimizer: bool = True, finetune: bool = False) -> bool:
+    """Restore `state` from the checkpoint `load_dir/latest` names (or from `load_dir` if it is one); collective.
+
+    Returns False when `load_dir` holds no committed checkpoint (a fresh run). Restores the model; and unless
+    `finetune`: step, consumed_samples, TrainState.extra and the RNG (same world size only); and with
+    `load_optimizer` as well: the optimizer and LR-scheduler state. `finetune` loads the weights only and starts
+    counting from zero. The checkpoint may come from any TP/PP/EP layout.
+    """
+    _require_dist()
+    load_dir = Path(load_dir)
+    if not load_dir.exists():
+        return False
+    ckpt = layout.latest_checkpoint(load_dir)
+    if ckpt is None:
+        return False
+    layout.verify_complete(ckpt)
+    common = _load_common(ckpt).get("common")
+    if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{ckpt}: not a megatron-r1 training checkpoint (format {None if common is None else common.get('format_version')!r},"
+            f" expected {FORMAT_VERSION}); for weights only use load_model_only"
+        )
+    rank, world = _rank(), _world()
+    restore_optimizer = load_optimizer and not finetune
+    restore_rng = not finetune and common["world_size"] == world
+
+    chunks = _chunks(state.model)
+    model_sd = _model_sharded(chunks)
+    sharded_sd = dict(model_sd)
+    if restore_optimizer:
+        sharded_sd["optimizer"] = state.optimizer.sharded_state_dict(_merged(model_sd), is_loading=True)
+    if restore_rng:
+        sharded_sd[rng.RNG_KEY] = rng.sharded(rank, world, rng.capture())
+    loaded = _dist_load(sharded_sd, ckpt)
+
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        _load_module(chunk, loaded[key], ckpt)
+    if restore_optimizer:
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        if state.scheduler is not None and common["scheduler"] is not None:
+            _load_scheduler(state.scheduler, common["scheduler"])
+    else:
+        # Mixed-precision optimizers keep fp32 copies of the weights: refresh them from the loaded model.
+        state.optimizer.reload_model_params()
+    if finetune:
+        state.step, state.consumed_samples = 0, 0
+    else:
+        state.step = int(common["step"])
+        state.consumed_samples = int(common["consumed_samples"])
+        state.extra.update(common.get("extra") or {})
+    if restore_rng:
+        rng.restore(loaded[rng.RNG_KEY])
+    elif not finetune and rank == 0:
+        log.warning("%s was saved by %d ranks, loading on %d: random state not restored", ckpt,
+                    common["world_size"], world)
+    _barrier()
+    return True
+
+
+def _load_module(chunk, state_dict: dict, ckpt: Path) -> None:
+    try:
+        chunk.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}: weights do not fit this model ({e})") from None
+
+
+def _load_scheduler(scheduler, sd: dict) -> None:
+    # The current config's schedule (lr, warmup, decay length) wins over the checkpoint's, so a run can be
+    # continued with a longer schedule; the step count comes from the checkpoint. Megatron would assert instead.
+    saved = scheduler.override_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = True
+    try:
+        scheduler.load_state_dict(sd)
+    finally:
+        scheduler.override_opt_param_scheduler = saved
+
+
+def save_model_only(model, directory: str | Path) -> Path:
+    """Save only the weights of `model` (a module, DDP wrapper or list of chunks) as a dist checkpoint at
+    `directory`; collective, atomic (written beside it and renamed). Loadable at any layout by load_model_only."""
+    _require_dist()
+    directory = Path(directory)
+    rank = _rank()
+    tmp = directory.parent / f"{directory.name}.tmp-{_run_token()}"
+    if rank == 0:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    _barrier()
+    sharded_sd = _model_sharded(_chunks(model))
+    sharded_sd["common"] = {"format_version": FORMAT_VERSION, "model_only": True, "world_size": _world()}
+    _dist_save(sharded_sd, tmp)
+    _barrier()
+    if rank == 0:
+        if directory.exists():
+            import shutil
+
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    _barrier()
+    return directory
+
+
+def load_model_only(model, directory: str | Path) -> Path:
+    """Load weights into `model` from a training checkpoint directory (follows `latest`), an iteration
+    directory, or a save_model_only directory; collective. Returns the directory read."""
+    _require_dist()
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    ckpt = layout.latest_checkpoint(directory)
+    if ckpt is None:
+        raise CheckpointError(f"{directory}: no checkpoint (neither a `latest` file nor metadata.json)")
+    layout.verify_complete(ckpt)
+    chunks = _chunks(model)
+    loaded = _dist_load(_model_sharded(chunks), ckpt)
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        _load_module(chunk, loaded[key], ckpt)
+    _barrier()
+    return ckpt
+
+
+def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
+    """The committed checkpoint `save_dir/latest` names (None if nothing was committed)."""
+    return layout.latest_checkpoint(save_dir)
+
+
+def checkpoint_config_yaml(ckpt: str | Path) -> Optional[str]:
+    """The config a checkpoint was saved with (text of its config.yaml), or None for model-only checkpoints."""
+    ckpt = layout.latest_checkpoint(ckpt) or Path(ckpt)
+    f = Path(ckpt) / CONFIG_FILE
+    return f.read_text() if f.is_file() else None
+
+
+__all__: Iterable[str] = (
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "save_model_only", "load_model_only",
+    "checkpoint_config_yaml",
+)
