@@ -8,7 +8,7 @@ from megatron_r1.errors import ConfigError
 from megatron_r1.planning import plan_memory
 from megatron_r1.planning.cli import main as plan_main
 from megatron_r1.planning.memory import GIB, layer_activation_elements, stage_activation_bytes, resolve_layout
-from tests.planning.test_params import TINY_EXPERTS, TINY_MAIN
+from tests.planning.test_params import TINY_EXPERTS, TINY_MAIN, TINY_ROWS
 
 
 def cfg(*overrides):
@@ -21,7 +21,7 @@ def test_tiny_weights_grads_optimizer_by_hand():
             "parallel.use_distributed_optimizer=true", "training.precision=bf16", "training.global_batch_size=16")
     plan = plan_memory(c, nodes=1, gpus_per_node=4, overhead_gb=0)
     experts_per_gpu = 3 * 2 * (3 * 256 * 384)  # 3 MoE layers × 2 of the 4 experts here × one SwiGLU expert
-    dense = TINY_MAIN - 3 * TINY_EXPERTS + 2 * (1024 - 512) * 256  # embedding and output padded to 1024 rows
+    dense = TINY_MAIN - 3 * TINY_EXPERTS + 2 * (TINY_ROWS - 512) * 256  # embedding and output as padded
     per_gpu = dense + experts_per_gpu
     g = plan.per_gpu_gb
     assert plan.params_per_gpu == per_gpu
@@ -35,7 +35,7 @@ def test_tiny_weights_grads_optimizer_by_hand():
 def test_optimizer_replicated_without_distributed_optimizer():
     c = cfg("model.preset=deepseek_v3_tiny", "training.precision=bf16")
     plan = plan_memory(c, nodes=1, gpus_per_node=4)
-    assert plan.per_gpu_gb["optimizer"] == round((TINY_MAIN + 2 * 512 * 256) * 12 / GIB, 3)  # + vocab padding
+    assert plan.per_gpu_gb["optimizer"] == round((TINY_MAIN + 2 * (TINY_ROWS - 512) * 256) * 12 / GIB, 3)
     assert any("use_distributed_optimizer" in n for n in plan.notes)
 
 
@@ -61,7 +61,8 @@ def test_one_f_one_b_in_flight_and_recompute():
     assert full0 == 2 * per_layer  # first stage: PP = 2 micro-batches in flight × its one layer
     assert rc0 == 2 * 1 * 128 * 256 * 2 + per_layer  # layer inputs of 2 micro-batches + one layer re-run
     full1, _ = stage_activation_bytes(c, lay, 1, 1, 2)
-    assert full1 == per_layer + 256 * 1024 * 4  # last stage: 1 in flight + fp32 logits over the padded vocab
+    rows = c.model.padded_vocab_size()
+    assert full1 == per_layer + 256 * rows * 4  # last stage: 1 in flight + fp32 logits over the padded vocab
 
 
 def test_mla_kv_cache_by_hand():

@@ -11,6 +11,11 @@ def model(preset, *overrides):
     return load_config(None, [f"model.preset={preset}", *overrides]).model
 
 
+# Embedding/output rows as the model builder pads them: the config's rule (owned by megatron_r1.config), not ours.
+TINY_ROWS = model("deepseek_v3_tiny").padded_vocab_size()
+V3_ROWS_TP8 = model("deepseek_v3").padded_vocab_size(8)
+
+
 # ----------------------------------------------------------------------------------------------- tiny, by hand
 # deepseek_v3_tiny: h 256, vocab 512, 4 layers (first dense, FFN 768), 4 heads, MLA q_lora 96 kv_lora 64,
 # qk 32 + rope 16, v 32, 4 routed experts (FFN 384) + 1 shared (384), untied embeddings.
@@ -79,7 +84,8 @@ def test_deepseek_v3_largest_stage_by_hand():
     dense_layer = attn + 7168 + 3 * 7168 * 18432 // 8
     moe_dense = attn + 7168 + 256 * 7168 + 3 * 7168 * 2048 // 8
     moe_expert = (256 // 64) * 3 * 7168 * 2048 // 8
-    vocab_shard = 130048 // 8 * 7168  # 129280 padded to a multiple of 1024
+    assert V3_ROWS_TP8 >= 129280 and V3_ROWS_TP8 % 8 == 0
+    vocab_shard = V3_ROWS_TP8 // 8 * 7168
     s = stage_params_per_gpu(m, p, 0)
     assert s.expert == 59 * moe_expert
     assert s.dense == (2 * vocab_shard + 3 * dense_layer + 59 * moe_dense + 7168
@@ -91,16 +97,17 @@ def test_tiny_pipeline_stages_with_mtp_by_hand():
                              "parallel.pipeline_model_parallel_size=2"])
     first = stage_params_per_gpu(cfg.model, cfg.parallel, 0)
     last = stage_params_per_gpu(cfg.model, cfg.parallel, 1)
-    assert first.total == 1024 * 256 + TINY_DENSE_LAYER + TINY_MOE_DENSE_PART + TINY_EXPERTS  # padded embedding
+    assert first.total == TINY_ROWS * 256 + TINY_DENSE_LAYER + TINY_MOE_DENSE_PART + TINY_EXPERTS
     mtp = 3 * 256 + 2 * 256 * 256 + TINY_MOE_DENSE_PART + TINY_EXPERTS
     # layers 2-3, final norm, output layer, MTP module, and the MTP's copy of the embedding
-    assert last.total == 2 * (TINY_MOE_DENSE_PART + TINY_EXPERTS) + 256 + 1024 * 256 + mtp + 1024 * 256
+    assert last.total == 2 * (TINY_MOE_DENSE_PART + TINY_EXPERTS) + 256 + TINY_ROWS * 256 + mtp + TINY_ROWS * 256
 
 
 def test_padded_counts_add_the_builders_padding_rows():
     c = count_params(model("deepseek_v3_tiny"), padded=True)
-    assert c.trainable == TINY_MAIN + 2 * (1024 - 512) * 256  # embedding and output padded to 1024 rows
-    assert count_params(model("deepseek_v3"), padded=True).main == V3_MAIN + 2 * (130048 - 129280) * 7168
+    assert c.trainable == TINY_MAIN + 2 * (TINY_ROWS - 512) * 256  # embedding and output padded
+    v3_rows = model("deepseek_v3").padded_vocab_size()
+    assert count_params(model("deepseek_v3"), padded=True).main == V3_MAIN + 2 * (v3_rows - 129280) * 7168
 
 
 # ----------------------------------------------------------------------------------------------- vs Megatron
