@@ -111,7 +111,7 @@ class ParamCount:
 
     @property
     def trainable(self) -> int:
-        """What Megatron instantiates as parameters (main + MTP): what the optimizer holds."""
+        """Main model + MTP: what the optimizer holds (Megatron's exact count when counted with `padded=True`)."""
         return self.main + self.mtp.total
 
     @property
