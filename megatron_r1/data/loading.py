@@ -6,7 +6,7 @@ from megatron_r1.data.tasks import generate
 from megatron_r1.errors import ConfigError
 
 
-def load_dataset(source: str, field_map: dict | None = None, split: str = "train", skip_bad_rows: bool = False,
+def load_dataset(source: str, /, field_map: dict | None = None, split: str = "train", skip_bad_rows: bool = False,
                  **options) -> Dataset:
     """Samples (dicts with at least "prompt") from `source`: a .jsonl/.parquet file, a HF `datasets` directory, or
     `builtin:<task>` with generator `options` (num_samples, seed, difficulty, ...).

@@ -27,6 +27,7 @@ class RewardModel(MegatronModule):
         super().__init__(config=lm.config)
         self.lm = lm
         self.post_process = lm.post_process
+        self.model_type = lm.model_type  # Megatron's schedules look this attribute up on the (unwrapped) model
         self.head = torch.nn.Linear(lm.config.hidden_size, 1, bias=True, dtype=lm.config.params_dtype)
         torch.nn.init.normal_(self.head.weight, std=lm.config.init_method_std)
         torch.nn.init.zeros_(self.head.bias)
