@@ -182,7 +182,8 @@ class _LogprobsFromLogits(torch.autograd.Function):
         logits, tokens, lse, ent = ctx.saved_tensors
         temperature, tp_group, rows, c = ctx.cfg
         start = _tp.rank(tp_group) * logits.shape[1]
-        grad = torch.empty_like(logits)
+        # row-major whatever the logits' layout: the kernels write rows with unit column stride
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         t = logits.shape[0]
         for s in range(0, t, c):
             e = min(s + c, t)
@@ -196,7 +197,8 @@ class _LogprobsFromLogits(torch.autograd.Function):
 def _scratch(rows, x):
     """A chunk the backend may overwrite: a private fp32 copy when it works in place, else the input itself."""
     if rows.stats_clobbers_input:
-        return x.to(torch.float32, copy=True)
+        # row-major: in-place row kernels (softmax with out=x) assume it
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
     return x
 
 

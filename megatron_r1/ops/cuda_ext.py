@@ -105,8 +105,8 @@ def available(build: bool = True) -> bool:
         return False
     try:
         load()
-    except (OSError, RuntimeError, ImportError, FileNotFoundError, SystemExit) as e:
-        # cpp_extension raises RuntimeError on compiler errors and may exit on a missing toolchain
+    except (OSError, RuntimeError, ImportError) as e:
+        # cpp_extension raises RuntimeError on compiler/linker errors, OSError on a missing toolchain
         _build_error = e
         import warnings
 
@@ -139,6 +139,7 @@ class CudaRows:
         return self.grad_from_logits(x, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent, x)
 
     def grad_from_logits(self, x, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent, out):
+        x = x if x.stride(1) == 1 else x.contiguous()
         has_ent = g_ent is not None
         self.ext.lse_backward(
             x, out, tokens.long(), lse.float().contiguous(), ent.float().contiguous() if has_ent else None,

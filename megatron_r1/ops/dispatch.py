@@ -4,6 +4,7 @@
 On a CPU tensor the default is the chunked torch path: Triton only runs there through its interpreter, which is
 for tests.
 """
+import importlib.util
 import os
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
@@ -12,11 +13,7 @@ _PREFERENCE = ("cuda", "triton", "torch")
 
 
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def available_backends(device_type: str) -> set:

@@ -92,6 +92,7 @@ class TritonRows:
         return self.grad_from_logits(x, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent, x)
 
     def grad_from_logits(self, x, tokens, vocab_start, inv_temp, lse, ent, g_lp, g_ent, out):
+        x = x if x.stride(1) == 1 else x.contiguous()
         c, v = x.shape
         if c == 0:
             return out

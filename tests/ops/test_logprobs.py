@@ -164,3 +164,16 @@ def test_rejects_bad_temperature():
     with pytest.raises(ValueError):
         chunked.token_logprobs(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long), 0.0,
                                rows=TorchRows())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_logits(backend):
+    g = torch.Generator().manual_seed(4)
+    logits_t = torch.randn(31, 19, generator=g)  # [V, T], read as its transpose
+    tok = torch.randint(0, 31, (19,), generator=g)
+    ups = [torch.randn(19, generator=g)]
+    got = _run(lambda x: chunked.logprobs_from_logits(x.t(), tok, 1.0, rows=make_rows(backend), chunk_tokens=7),
+               (logits_t,), ups)
+    want = _run(lambda x: R.logprobs_from_logits(x.t(), tok), (logits_t,), ups)
+    _assert_close(got[0], want[0], 1e-5)
+    _assert_close(got[1], want[1], 1e-5)
