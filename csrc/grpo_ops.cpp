@@ -1,5 +1,8 @@
 // Python bindings for the kernels in grpo_ops_kernels.cu (built by megatron_r1/ops/cuda_ext.py).
-#include <torch/extension.h>
+// The tensor type and torch's pybind11 casters only: <torch/extension.h> would parse all of libtorch's API and
+// triple this file's compile time.
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 #include <vector>

@@ -1,10 +1,15 @@
 // CUDA kernels behind megatron_r1.ops: per-row online log-sum-exp over a [T, V] logits chunk and its gradient,
 // the GRPO per-token policy-loss math with its derivative, and group advantages.
 // Math in fp32 whatever the logits dtype; one block per row so each row is read once per pass.
-#include <ATen/ATen.h>
+// Per-operator ATen headers instead of <ATen/ATen.h>: a quarter less compile time. c10's stream getter needs no
+// cuBLAS/cuSPARSE headers, unlike ATen/cuda/CUDAContext.h.
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -194,7 +199,7 @@ std::vector<at::Tensor> lse_forward(const at::Tensor& x, const at::Tensor& token
   auto tok = tokens.contiguous();
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lse_forward", [&] {
-      lse_fwd_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      lse_fwd_kernel<scalar_t><<<rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           x.data_ptr<scalar_t>(), x.stride(0), tok.data_ptr<int64_t>(), lse.data_ptr<float>(),
           tgt.data_ptr<float>(), ez.data_ptr<float>(), vocab_start, x.size(1), static_cast<float>(inv_temp),
           want_ent);
@@ -219,7 +224,7 @@ void lse_backward(const at::Tensor& x, at::Tensor& out, const at::Tensor& tokens
   auto tok = tokens.contiguous();
   if (rows == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lse_backward", [&] {
-    lse_bwd_kernel<scalar_t><<<rows, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    lse_bwd_kernel<scalar_t><<<rows, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), x.stride(0), out.data_ptr<scalar_t>(), out.stride(0), tok.data_ptr<int64_t>(),
         lse.data_ptr<float>(), opt_ptr(ent), g_lp.data_ptr<float>(), opt_ptr(g_ent), vocab_start, x.size(1),
         static_cast<float>(inv_temp));
@@ -244,7 +249,7 @@ std::vector<at::Tensor> policy_loss_forward(const at::Tensor& logp, const at::Te
        grad = at::empty_like(logp);
   if (n == 0) return {loss, ratio, kl, grad};
   const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
-  policy_loss_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  policy_loss_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       n, logp.data_ptr<float>(), old.data_ptr<float>(), adv.data_ptr<float>(), mask.data_ptr<bool>(),
       weight.data_ptr<float>(), opt_ptr(ref), opt_ptr(tis), static_cast<float>(clip_low),
       static_cast<float>(clip_high), static_cast<float>(kl_coef), static_cast<int>(kl_estimator),
@@ -265,7 +270,7 @@ at::Tensor group_advantages(const at::Tensor& rewards, int64_t group_size, bool 
   const int64_t threads = static_cast<int64_t>(groups) * 32;
   const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "group_advantages", [&] {
-    group_adv_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    group_adv_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         r.data_ptr<scalar_t>(), out.data_ptr<float>(), groups, group_size, static_cast<float>(eps), use_std);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
