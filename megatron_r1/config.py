@@ -100,6 +100,28 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False  # ZeRO-1 over DP; see README for what CPU supports
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     num_microbatches: Optional[int] = None  # None: global batch / (micro batch × DP)
+    # Uneven pipelines (DeepSeek-V3's 61 layers over 16 stages): layers on the first / last stage; the rest are
+    # split evenly over the middle stages. None: all stages equal.
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+
+    def pipeline_stage_layers(self, num_layers: int) -> list[int]:
+        """How many decoder layers each pipeline stage holds (what Megatron builds for this config)."""
+        pp = self.pipeline_model_parallel_size
+        first, last = self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage
+        if pp == 1:
+            return [num_layers]
+        if first is None and last is None:
+            return [num_layers // pp] * pp
+        middle_stages = pp - (first is not None) - (last is not None)
+        rest = num_layers - (first or 0) - (last or 0)
+        per = rest // middle_stages if middle_stages else 0
+        counts = [per] * pp
+        if first is not None:
+            counts[0] = first
+        if last is not None:
+            counts[-1] = last
+        return counts
 
 
 @dataclass
@@ -431,8 +453,7 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         _check(m.num_query_groups % tp == 0,
                f"parallel.tensor_model_parallel_size: {tp} does not divide model.num_query_groups "
                f"({m.num_query_groups})")
-    _check(m.num_layers % pp == 0,
-           f"parallel.pipeline_model_parallel_size: {pp} does not divide model.num_layers ({m.num_layers})")
+    _validate_pipeline_split(m, p)
     if m.kv_channels is None and not m.multi_latent_attention:
         _check(m.hidden_size % m.num_attention_heads == 0,
                f"model.hidden_size: {m.hidden_size} is not divisible by num_attention_heads "
@@ -479,6 +500,28 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _check(cfg.data.template in ("r1_zero", "r1_chat", "plain"), f"data.template: unknown template {cfg.data.template!r}")
     if world_size is not None:
         validate_world_size(cfg.parallel, world_size)
+
+
+def _validate_pipeline_split(m: ModelConfig, p: ParallelConfig) -> None:
+    pp = p.pipeline_model_parallel_size
+    first, last = p.num_layers_in_first_pipeline_stage, p.num_layers_in_last_pipeline_stage
+    if first is None and last is None:
+        _check(m.num_layers % pp == 0,
+               f"parallel.pipeline_model_parallel_size: {pp} does not divide model.num_layers ({m.num_layers}); "
+               f"for an uneven split set parallel.num_layers_in_first_pipeline_stage / _last_")
+        return
+    _check(pp > 1, "parallel.num_layers_in_first/last_pipeline_stage: need pipeline_model_parallel_size > 1")
+    for name, v in (("num_layers_in_first_pipeline_stage", first), ("num_layers_in_last_pipeline_stage", last)):
+        _check(v is None or v >= 0, f"parallel.{name}: must be >= 0, got {v}")
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = m.num_layers - (first or 0) - (last or 0)
+    _check(rest >= 0, f"parallel: first + last pipeline stage layers exceed model.num_layers ({m.num_layers})")
+    if middle_stages:
+        _check(rest % middle_stages == 0,
+               f"parallel.pipeline_model_parallel_size: the {rest} layers left for the {middle_stages} middle "
+               f"stages do not split evenly (model.num_layers={m.num_layers}, first={first}, last={last})")
+    else:
+        _check(rest == 0, f"parallel: first + last pipeline stage layers must equal model.num_layers ({m.num_layers})")
 
 
 def validate_world_size(p: ParallelConfig, world_size: int) -> None:

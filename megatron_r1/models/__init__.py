@@ -1,5 +1,15 @@
-"""Model specs on Megatron-Core GPTModel: DeepSeek-V3 (MLA + DeepSeekMoE + MTP) and dense Llama / Qwen2."""
-from megatron_r1.models.builder import build_model, build_transformer_config, padded_vocab_size
+"""Model specs on Megatron-Core GPTModel: DeepSeek-V3 (MLA + DeepSeekMoE + MTP) and dense Llama / Qwen2.
+
+The builder (which imports torch and Megatron) loads on first use, so reading a config or a preset stays cheap.
+"""
 from megatron_r1.models.presets import PRESETS, get_preset
 
 __all__ = ["build_model", "build_transformer_config", "padded_vocab_size", "PRESETS", "get_preset"]
+
+
+def __getattr__(name):
+    if name in ("build_model", "build_transformer_config", "padded_vocab_size"):
+        from megatron_r1.models import builder
+
+        return getattr(builder, name)
+    raise AttributeError(f"module 'megatron_r1.models' has no attribute {name!r}")

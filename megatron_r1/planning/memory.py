@@ -121,7 +121,7 @@ def stage_activation_bytes(cfg: Config, lay: Layout, stage: int, mbs: int, act_b
     """(no recompute, full recompute) activation bytes on one GPU of pipeline stage `stage`."""
     m = cfg.model
     tokens = m.seq_length * mbs
-    layers = list(stage_layers(m, lay.pp, stage))
+    layers = list(stage_layers(m, lay.pp, stage, cfg.parallel))
     last = stage == lay.pp - 1
     if last and m.mtp_num_layers:
         layers += [m.num_layers - 1] * m.mtp_num_layers  # an MTP module runs a layer shaped like the last one
@@ -186,7 +186,7 @@ def plan_memory(cfg: Config, nodes: int, gpus_per_node: int = 8, gpu_memory_gb: 
         opt_dense = shard.dense / (lay.dp if p.use_distributed_optimizer else 1)
         opt_expert = shard.expert / (lay.edp if p.use_distributed_optimizer else 1)
         act_full, act_rc = stage_activation_bytes(cfg, lay, stage, mbs, w_bytes)
-        n_layers = len(stage_layers(m, lay.pp, stage))
+        n_layers = len(stage_layers(m, lay.pp, stage, p))
         comp = {
             "parameters": shard.total * w_bytes,
             "gradients": shard.total * grad_bytes,

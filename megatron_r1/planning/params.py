@@ -192,10 +192,13 @@ def layer_params_per_gpu(m: ModelConfig, index: int, tp: int, ep: int, etp: int,
     return Split(dense=attn + h + _tp_shard(3 * h * m.ffn_hidden_size, tp), expert=0)
 
 
-def stage_layers(m: ModelConfig, pp: int, stage: int) -> range:
-    """Decoder layer indices on pipeline stage `stage` (Megatron splits evenly; config validation requires it)."""
-    per = m.num_layers // pp
-    return range(stage * per, (stage + 1) * per)
+def stage_layers(m: ModelConfig, pp: int, stage: int, p: ParallelConfig | None = None) -> range:
+    """Decoder layer indices on pipeline stage `stage` (even split, or the config's first/last stage sizes)."""
+    if p is None:
+        p = ParallelConfig(pipeline_model_parallel_size=pp)
+    counts = p.pipeline_stage_layers(m.num_layers)
+    start = sum(counts[:stage])
+    return range(start, start + counts[stage])
 
 
 def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int, te_spec: bool = True) -> Split:
@@ -207,7 +210,7 @@ def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int, te_spec:
     h = m.hidden_size
     vocab_shard = m.padded_vocab_size(tp) // tp * h
     total = Split()
-    for i in stage_layers(m, pp, stage):
+    for i in stage_layers(m, pp, stage, p):
         total = total + layer_params_per_gpu(m, i, tp, ep, etp, te_spec)
     first, last = stage == 0, stage == pp - 1
     if first:

@@ -76,3 +76,16 @@ def test_override_values_are_yaml():
 def test_exponent_floats_without_a_dot():
     cfg = load_config(None, ["optimizer.lr=3e-3"])
     assert cfg.optimizer.lr == 3e-3
+
+
+def test_uneven_pipeline_split_deepseek_v3():
+    # DeepSeek-V3's 61 layers over 16 stages: one on the first stage, four on each of the others.
+    cfg = load_config(None, ["model.preset=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
+                             "parallel.num_layers_in_first_pipeline_stage=1"])
+    counts = cfg.parallel.pipeline_stage_layers(cfg.model.num_layers)
+    assert counts == [1] + [4] * 15 and sum(counts) == 61
+    with pytest.raises(ConfigError, match="do not split evenly"):
+        load_config(None, ["model.preset=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
+                           "parallel.num_layers_in_first_pipeline_stage=2"])
+    with pytest.raises(ConfigError, match="num_layers_in_first_pipeline_stage"):
+        load_config(None, ["model.preset=deepseek_v3", "parallel.pipeline_model_parallel_size=16"])

@@ -179,3 +179,14 @@ def test_te_spec_duplicates_mla_down_projections():
     te = stage_params_per_gpu(cfg.model, cfg.parallel, 0).total
     local = stage_params_per_gpu(cfg.model, cfg.parallel, 0, te_spec=False).total
     assert te - local == 4 * (256 * 96 + 256 * (64 + 16)) // 2  # 4 layers × half of (q down + kv down)
+
+
+def test_uneven_pipeline_stages_follow_the_config():
+    from megatron_r1.config import load_config
+    from megatron_r1.planning.params import stage_layers
+
+    cfg = load_config(None, ["model.preset=deepseek_v3", "parallel.pipeline_model_parallel_size=16",
+                             "parallel.num_layers_in_first_pipeline_stage=1"])
+    ranges = [stage_layers(cfg.model, 16, s, cfg.parallel) for s in range(16)]
+    assert ranges[0] == range(0, 1) and ranges[1] == range(1, 5) and ranges[-1] == range(57, 61)
+    assert sum(len(r) for r in ranges) == 61
