@@ -77,8 +77,7 @@ def fused_grpo_loss(hidden, weight, tokens, old_logprobs, advantages, mask, ref_
                     ratio_level="token", behavior_logprobs=None, tis_cap=None, temperature=1.0, tp_group=None):
     """GRPO loss straight from hidden states [B, L, H]: grpo_policy_loss(token_logprobs(...)) in one pass.
 
-    Gradients of hidden and weight are produced chunk by chunk during forward (3 matmuls, no logits recompute);
-    metrics also carry the detached `logprobs` [B, L].
+    Gradients of hidden and weight are produced chunk by chunk during forward (3 matmuls, no logits recompute).
     """
     backend = select_backend(hidden.device.type)
     args = (old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, kl_coef, kl_estimator, loss_agg,
@@ -87,8 +86,6 @@ def fused_grpo_loss(hidden, weight, tokens, old_logprobs, advantages, mask, ref_
         b, l = tokens.shape
         logp = reference.token_logprobs(hidden.reshape(b * l, -1), weight, tokens.reshape(-1), temperature,
                                         False, tp_group).view(b, l)
-        loss, metrics = reference.grpo_policy_loss(logp, *args)
-        metrics["logprobs"] = logp.detach()
-        return loss, metrics
+        return reference.grpo_policy_loss(logp, *args)
     return chunked.fused_policy_loss(hidden, weight, tokens, *args, temperature=temperature, tp_group=tp_group,
                                      rows=rows_for(backend))

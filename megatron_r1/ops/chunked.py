@@ -276,7 +276,7 @@ def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, re
                       *, rows, chunk_tokens=None):
     """GRPO loss straight from hidden states [B, L, H] and tokens [B, L]; returns (loss, metrics).
 
-    Same semantics as grpo_policy_loss(token_logprobs(...), ...). Metrics also hold `logprobs` [B, L] (detached).
+    Same semantics as grpo_policy_loss(token_logprobs(...), ...), metrics included.
     """
     cfg = PolicyLossConfig(clip_low, clip_high, kl_coef, kl_estimator, loss_agg, ratio_level, tis_cap)
     _check_temperature(temperature)
@@ -287,10 +287,8 @@ def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, re
         # a sequence ratio couples every token of an answer, so no token's gradient is known chunk by chunk
         logp = token_logprobs(flat_h, weight, flat_tok, temperature, False, tp_group, rows=rows,
                               chunk_tokens=chunk_tokens).view(b, l)
-        loss, metrics = grpo_policy_loss(logp, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
-                                         kl_coef, kl_estimator, loss_agg, ratio_level, behavior_logprobs, tis_cap)
-        metrics["logprobs"] = logp.detach()
-        return loss, metrics
+        return grpo_policy_loss(logp, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, kl_coef,
+                                kl_estimator, loss_agg, ratio_level, behavior_logprobs, tis_cap)
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if tis_cap is not None and behavior_logprobs is None:
@@ -322,7 +320,6 @@ def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, re
         _, ratio, kl = token_terms(log_ratio, advantages.float()[:, None], mask, cfg, logp,
                                    None if ref_logprobs is None else ref_logprobs.float())
         metrics = policy_metrics(ratio, advantages.float()[:, None].expand(b, l), mask, cfg, kl)
-    metrics["logprobs"] = logp
     return loss, metrics
 
 
