@@ -1,0 +1,155 @@
+"""The tiny R1 pipeline end to end on CPU (examples/pipelines/r1_tiny.yaml), as users run it: a subprocess.
+
+One run of all eight stages feeds every assertion (about two minutes on two cores); then a re-run must skip them
+all, and a re-run with a changed stage must refuse to reuse that stage's old outputs.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "examples" / "pipelines" / "r1_tiny.yaml"
+STAGES = ["base", "cold_start", "reasoning_rl", "rejection_sampling", "rs_sft", "reward_model", "all_scenario_rl",
+          "distill"]
+TRAINED = ["base", "cold_start", "reasoning_rl", "rs_sft", "reward_model", "all_scenario_rl", "distill"]
+
+
+def run_pipeline(run_dir, *args, env=None, timeout=600):
+    """The CLI in a subprocess; output goes through files, not pipes: after a SIGKILL, the checkpoint writer's
+    helper processes may outlive the pipeline for a moment, and a pipe held open by them would block the test."""
+    cmd = [sys.executable, "-m", "megatron_r1", "pipeline", str(TINY), f"run_dir={run_dir}", *args]
+    logs = Path(run_dir).parent / f"{Path(run_dir).name}.logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    n = len(list(logs.glob("*.out")))
+    out, err = logs / f"{n}.out", logs / f"{n}.err"
+    with out.open("w") as fo, err.open("w") as fe:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=fo, stderr=fe, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("r1_tiny")
+    proc = run_pipeline(run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run_dir, proc
+
+
+def jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def stage_config(run_dir, name):
+    return yaml.safe_load((run_dir / name / "config.yaml").read_text())
+
+
+def test_every_stage_finished_with_its_artefacts(run):
+    run_dir, proc = run
+    for name in STAGES:
+        marker = json.loads((run_dir / name / "STAGE_DONE.json").read_text())
+        assert marker["stage"] == name and marker["fingerprint"]
+        assert f"{name} (" in proc.stdout and "running" in proc.stdout
+    for name in TRAINED:
+        ckpt = run_dir / name / "checkpoints"
+        assert (ckpt / "latest").is_file(), name
+        assert (run_dir / name / "metrics.jsonl").is_file(), name
+
+
+def test_each_stage_starts_from_the_one_before(run):
+    run_dir, _ = run
+    expected = {"cold_start": "base", "reasoning_rl": "cold_start", "rs_sft": "base", "reward_model": "rs_sft",
+                "all_scenario_rl": "rs_sft"}
+    for name, source in expected.items():
+        ck = stage_config(run_dir, name)["checkpoint"]
+        assert ck["load"] == str(run_dir / source / "checkpoints"), name
+        assert ck["finetune"] is True and ck["load_optimizer"] is False
+        assert ck["save"] == str(run_dir / name / "checkpoints")
+    assert stage_config(run_dir, "rs_sft")["data"]["source"] == str(run_dir / "rejection_sampling" / "samples.jsonl")
+    assert stage_config(run_dir, "rs_sft")["training"]["num_epochs"] == 2
+    steps = [r["step"] for r in jsonl(run_dir / "rs_sft" / "metrics.jsonl")]
+    rows = len(jsonl(run_dir / "rejection_sampling" / "samples.jsonl"))
+    assert max(steps) == -(-2 * rows // 8)  # two epochs at global batch 8
+
+
+def test_rejection_sampling_output(run):
+    run_dir, proc = run
+    out = run_dir / "rejection_sampling"
+    stats = json.loads((out / "samples.jsonl.stats.json").read_text())
+    assert stats["drawn"] == 8 * 4
+    assert stats["kept"] + sum(stats["removed"].values()) == stats["drawn"]
+    rows = jsonl(out / "samples.jsonl")
+    assert len(rows) == stats["reasoning_rows"] + stats["general_rows"]
+    assert stats["general_rows"] >= 16
+    for r in rows:
+        assert r["prompt"] and r["completion"] and r["kind"] in ("reasoning", "general")
+        assert r["provenance"]["prompt_id"]
+        if r["kind"] == "reasoning":
+            p = r["provenance"]
+            assert p["checkpoint"].startswith(str(run_dir / "reasoning_rl" / "checkpoints"))
+            assert p["scores"]["accuracy"] == 1.0
+    # What each filter removed is printed.
+    for name in ("wrong_answer", "mixed_language", "code_block", "overlong_paragraph", "repetition"):
+        assert name in proc.stdout
+
+
+def test_all_scenario_rl_mixes_and_routes(run):
+    run_dir, _ = run
+    prompts = jsonl(run_dir / "all_scenario_rl" / "prompts.jsonl")
+    kinds = [p["kind"] for p in prompts]
+    assert kinds.count("reasoning") == 24 and kinds.count("general") == 8  # weights 3 : 1 of 32
+    cfg = stage_config(run_dir, "all_scenario_rl")
+    routes = cfg["rewards"][0]["options"]["routes"]
+    assert routes["general"][0]["options"]["checkpoint"] == str(run_dir / "reward_model" / "checkpoints")
+    rows = jsonl(run_dir / "all_scenario_rl" / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["reward_errors"] == 0 for r in rows)
+    assert json.loads((run_dir / "reward_model" / "reward_model_eval.json").read_text())["heldout_pairs"] > 0
+
+
+def test_distilled_student(run):
+    run_dir, _ = run
+    d = run_dir / "distill"
+    cfg = stage_config(run_dir, "distill")
+    assert cfg["model"]["arch"] == "qwen2" and cfg["model"]["num_experts"] is None
+    assert cfg["tokenizer"]["path"].endswith("tiny_student_tokenizer")  # its own tokenizer, not the teacher's
+    data = jsonl(d / "distill_data.jsonl")
+    assert len(data) == len(jsonl(run_dir / "rejection_sampling" / "samples.jsonl")) + \
+        len(jsonl(d / "teacher" / "samples.jsonl"))
+    assert cfg["data"]["source"] == str(d / "distill_data.jsonl")
+    ev = json.loads((d / "student_eval.json").read_text())
+    assert ev["num_problems"] == 4 and ev["k"] == 2 and 0.0 <= ev["pass@1"] <= 1.0
+
+
+def test_report(run):
+    run_dir, _ = run
+    md = (run_dir / "report.md").read_text()
+    assert "stages finished: 8 of 8" in md
+    for i, name in enumerate(STAGES, 1):
+        assert f"### {i}. {name}" in md
+    for metric in ("| loss |", "| reward |", "| eval/pairwise_accuracy |", "| removed: wrong_answer |",
+                   "| student eval pass@1 |", "| prompt mixture |"):
+        assert metric in md, metric
+    png = run_dir / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_ones(run):
+    run_dir, _ = run
+    markers = {n: (run_dir / n / "STAGE_DONE.json").read_text() for n in STAGES}
+    ckpts = {n: (run_dir / n / "checkpoints" / "latest").read_text() for n in TRAINED}
+    proc = run_pipeline(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped") == len(STAGES)
+    assert "running" not in proc.stdout
+    assert {n: (run_dir / n / "STAGE_DONE.json").read_text() for n in STAGES} == markers
+    assert {n: (run_dir / n / "checkpoints" / "latest").read_text() for n in TRAINED} == ckpts
+    assert "stages finished: 8 of 8" in (run_dir / "report.md").read_text()
+
+    changed = run_pipeline(run_dir, "cold_start.training.train_steps=4")
+    assert changed.returncode == 2
+    assert "stage cold_start finished with a different configuration" in changed.stderr
+    assert "base (train): done" in changed.stdout  # the unchanged stage before it was still skipped
