@@ -3,6 +3,7 @@
 Tests pass a module-level function `fn(rank, world_size, *args)`; its return value (anything picklable) comes
 back in rank order. An exception in any rank fails the test with that rank's traceback.
 """
+import io
 import os
 import socket
 import traceback
@@ -29,7 +30,11 @@ def _entry(rank, world_size, port, fn, args, queue, init_pg):
         if init_pg:
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # By value: torch's queue pickling would share tensors through file descriptors that die with this
+        # process, so a parent reading after the child exited gets "connection reset".
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
     except BaseException:  # report every failure, including SystemExit, to the parent test
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -58,7 +63,9 @@ def run_distributed(fn, world_size: int, *args, init_process_group: bool = True,
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
