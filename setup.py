@@ -1,7 +1,25 @@
 """Install megatron-r1: the DeepSeek-R1 recipe (GRPO, multi-stage SFT/RL, distillation) on Megatron-Core."""
+import shutil
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+
+class BuildPyWithCsrc(build_py):
+    """Ship the CUDA sources of csrc/ inside the package (megatron_r1/csrc/) so an installed wheel can JIT-build
+    them on a GPU machine; an editable install reads the checkout's csrc/ directly."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "megatron_r1" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted((HERE / "csrc").glob("*")):
+            if src.suffix in (".cpp", ".cu", ".h", ".cuh"):
+                shutil.copy2(src, target / src.name)
 
 # One torch for every machine: 2.14.1 (+cu130 on Linux) runs the CPU tests unchanged and also builds csrc/
 # with nvcc, so CI compiles the CUDA kernels with the same install the tests use (see README, "Why torch 2.14.1").
@@ -57,4 +75,5 @@ setup(
     install_requires=install_requires,
     extras_require=extras,
     entry_points={"console_scripts": ["megatron-r1=megatron_r1.cli:main"]},
+    cmdclass={"build_py": BuildPyWithCsrc},
 )

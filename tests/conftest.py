@@ -1,11 +1,13 @@
 """Shared pytest setup: CPU threads, the `gpu` and `slow` markers, Triton's CPU interpreter."""
 import os
 
-# Triton kernels run on the CPU through the interpreter in tests; must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Triton kernels run on the CPU through the interpreter where there is no GPU; must be set before triton is
+# imported (on a GPU machine they run compiled).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
