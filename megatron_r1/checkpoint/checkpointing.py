@@ -149,7 +149,9 @@ def save_checkpoint(state, save_dir: str | Path, keep_last: int = 2) -> Path:
     chunks = _chunks(state.model)
     model_sd = _model_sharded(chunks)
     sharded_sd = dict(model_sd)
-    sharded_sd["optimizer"] = state.optimizer.sharded_state_dict(_merged(model_sd))
+    has_moments = _optimizer_has_state(state.optimizer)
+    if has_moments:
+        sharded_sd["optimizer"] = state.optimizer.sharded_state_dict(_merged(model_sd), metadata=OPTIMIZER_METADATA)
     sharded_sd[rng.RNG_KEY] = rng.sharded(rank, world, rng.capture())
     ctx = state.ctx
     sharded_sd["common"] = {
@@ -159,6 +161,7 @@ def save_checkpoint(state, save_dir: str | Path, keep_last: int = 2) -> Path:
         "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
         "extra": dict(state.extra),
         "world_size": world,
+        "optimizer_state": has_moments,
         "layout": {"tp": ctx.tp_size, "pp": ctx.pp_size, "ep": ctx.ep_size, "dp": ctx.dp_size},
     }
     _dist_save(sharded_sd, tmp)
@@ -199,26 +202,31 @@ def load_checkpoint(state, load_dir: str | Path, load_optimizer: bool = True, fi
         )
     rank, world = _rank(), _world()
     restore_optimizer = load_optimizer and not finetune
+    # A checkpoint written before the first optimizer step has no Adam moments to restore (Adam starts fresh).
+    restore_moments = restore_optimizer and common.get("optimizer_state", True)
     restore_rng = not finetune and common["world_size"] == world
 
     chunks = _chunks(state.model)
     model_sd = _model_sharded(chunks)
     sharded_sd = dict(model_sd)
-    if restore_optimizer:
-        sharded_sd["optimizer"] = state.optimizer.sharded_state_dict(_merged(model_sd), is_loading=True)
+    if restore_moments:
+        requested_optimizer = state.optimizer.sharded_state_dict(_merged(model_sd), is_loading=True,
+                                                                 metadata=OPTIMIZER_METADATA)
+        sharded_sd["optimizer"] = requested_optimizer
     if restore_rng:
         sharded_sd[rng.RNG_KEY] = rng.sharded(rank, world, rng.capture())
     loaded = _dist_load(sharded_sd, ckpt)
 
     for key, chunk in zip(_model_keys(chunks), chunks):
         _load_module(chunk, loaded[key], ckpt)
-    if restore_optimizer:
-        state.optimizer.load_state_dict(loaded["optimizer"])
-        if state.scheduler is not None and common["scheduler"] is not None:
-            _load_scheduler(state.scheduler, common["scheduler"])
+    if restore_moments:
+        state.optimizer.load_state_dict(_optimizer_state(requested_optimizer, loaded["optimizer"], ckpt))
     else:
         # Mixed-precision optimizers keep fp32 copies of the weights: refresh them from the loaded model.
         state.optimizer.reload_model_params()
+    if restore_optimizer:
+        if state.scheduler is not None and common["scheduler"] is not None:
+            _load_scheduler(state.scheduler, common["scheduler"])
     if finetune:
         state.step, state.consumed_samples = 0, 0
     else:
@@ -232,6 +240,66 @@ def load_checkpoint(state, load_dir: str | Path, load_optimizer: bool = True, fi
                     common["world_size"], world)
     _barrier()
     return True
+
+
+# Adam moments are keyed by their parameter's checkpoint key only ("optimizer.state.exp_avg.<param>"), without
+# Megatron's "chained_<i>." prefix: how parameters are split into sub-optimizers (dense / expert) depends on the
+# layout, so prefixed keys would not load at another TP/EP size.
+OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True}
+
+
+def _optimizer_state(requested, loaded, ckpt: Path):
+    """The optimizer state dict to load, in this layout's structure: moments as loaded, param groups (lr, weight
+    decay: set by the current config and the scheduler) as they are now, Adam's step count from the checkpoint.
+
+    The checkpoint's own non-tensor part follows the saving layout's structure (one optimizer, or a chain of
+    dense + expert optimizers), so it is not used as is.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    step = _find(loaded, "common_step")
+
+    def fill(req, got):
+        if isinstance(req, ShardedBase):
+            return got
+        if isinstance(req, LocalNonpersistentObject):  # this rank's own value (e.g. param ids of a group)
+            return req.unwrap()
+        if isinstance(req, dict):
+            out = {k: fill(v, got.get(k) if isinstance(got, dict) else None) for k, v in req.items()}
+            if "state" in out and "param_groups" in out and step is not None:
+                out["state"]["common_step"] = step
+            return out
+        if isinstance(req, list):
+            return [fill(v, got[i] if isinstance(got, list) and i < len(got) else None) for i, v in enumerate(req)]
+        return req
+
+    result = fill(requested, loaded)
+    if step is None:
+        raise CheckpointError(f"{ckpt}: optimizer state has no step count (common_step)")
+    return result
+
+
+def _find(tree, key):
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for v in tree.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    """Whether every rank's optimizer holds per-parameter state (Adam moments exist only after the first step)."""
+    subs = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    local = all(
+        len(getattr(sub, "optimizer", None).state) > 0 for sub in subs if getattr(sub, "optimizer", None) is not None
+    )
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _load_module(chunk, state_dict: dict, ckpt: Path) -> None:

@@ -70,7 +70,9 @@ def forward_step(data_iterator, model):
 
     def loss_func(per_token):
         loss = per_token.float().mean()
-        return loss, {"loss": loss.detach()}
+        # A copy: Megatron's schedule divides the returned loss by the number of micro-batches in place, which
+        # would also scale a metric that shares its storage.
+        return loss, {"loss": loss.detach().clone()}
 
     return out, loss_func
 
@@ -85,6 +87,8 @@ def run_steps(state, steps: list, after_step=None) -> list:
     for batches in steps:
         mine = rank_micro_batches(batches, ctx.dp_rank, ctx.dp_size)
         results.append(train_step(state, forward_step, iter(mine), len(mine), SEQ, MICRO_BATCH))
+        state.step += 1  # train_step leaves counting to the caller (a stage may skip or repeat)
+        state.consumed_samples += MICRO_BATCH * NUM_MICRO
         if after_step is not None:
             after_step(state)
     return results

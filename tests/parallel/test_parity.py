@@ -1,0 +1,214 @@
+"""The proof that the parallelism is real: TP=2, PP=2, EP=2, TP=2×EP=2 and PP=2×EP=2 train the same tiny
+DeepSeek-V3 (MLA + MoE + shared expert + sigmoid router with expert bias; MTP in some layouts) exactly like one
+process does.
+
+One single-process reference run per model variant builds the model, keeps its initial full state dict and runs
+two optimizer steps. Each layout starts from those identical weights — sharded by hand (tiny_model.shard_for_rank:
+slices along `partition_dim`, experts per EP rank, layers per pipeline stage) so that parallelism is proven
+independently of checkpointing, or loaded through dist_checkpointing from a TP=1 checkpoint — then runs the same
+two global batches through the real training step (Megatron's forward_backward_func over several micro-batches,
+DDP, finalize_model_grads, the Adam step). Compared with the reference: the losses of both steps, the gradients of
+step 2 (DDP main_grad, gathered back to full tensors), the router expert biases after the aux-loss-free balancing
+updates and the weights after both updates.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.parallel import tiny_model as tm
+
+STEPS = 2
+SEED = 1234
+
+
+def _reference(rank, world_size, out_dir, mtp):
+    from megatron_r1.checkpoint import save_model_only
+    from megatron_r1.parallel import init_parallel
+    from megatron_r1.training import build_train_state
+
+    cfg = tm.tiny_config(mtp=mtp)
+    ctx = init_parallel(cfg.parallel, SEED)
+    state = build_train_state(cfg, ctx, total_steps=10)
+    model = tm.unwrap(state.model[0])
+    init = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    torch.save(init, f"{out_dir}/reference.pt")
+    save_model_only(state.model, f"{out_dir}/reference_ckpt")
+    tm.remember_full_shapes(model, init)
+    grads, biases = [], []
+
+    def record(_):
+        grads.append(tm.assemble([tm.local_pieces(model, "grad")]))
+        biases.append(tm.assemble([tm.local_pieces(model, "bias")]))
+
+    results = tm.run_steps(state, tm.global_batches(STEPS), record)
+    return tm.pack({
+        "losses": [r.loss for r in results],
+        "grad_norms": [r.grad_norm for r in results],
+        "grads": grads,
+        "biases": biases,
+        "params": tm.assemble([tm.local_pieces(model, "param")]),
+        "init": init,
+    })
+
+
+def _layout(rank, world_size, out_dir, tp, pp, ep, mtp, via):
+    from megatron_r1.checkpoint import load_model_only
+    from megatron_r1.parallel import init_parallel
+    from megatron_r1.training import build_train_state
+
+    cfg = tm.tiny_config(tp=tp, pp=pp, ep=ep, mtp=mtp)
+    # Another seed than the reference: if loading the weights did nothing, the comparison fails.
+    ctx = init_parallel(cfg.parallel, SEED + 1 + rank)
+    state = build_train_state(cfg, ctx, total_steps=10)
+    model = tm.unwrap(state.model[0])
+    reference = torch.load(f"{out_dir}/reference.pt")
+    if via == "hand":
+        tm.shard_for_rank(model, reference)
+    else:
+        load_model_only(state.model, f"{out_dir}/reference_ckpt")
+    tm.remember_full_shapes(model, reference)
+    loaded = tm.local_pieces(model, "param")
+    grads, biases = [], []
+
+    def record(_):
+        grads.append(tm.local_pieces(model, "grad"))
+        biases.append(tm.local_pieces(model, "bias"))
+
+    results = tm.run_steps(state, tm.global_batches(STEPS), record)
+    return tm.pack({
+        "loaded": loaded,
+        "losses": [r.loss for r in results],
+        "grad_norms": [r.grad_norm for r in results],
+        "last_stage": ctx.is_last_stage,
+        "grads": grads,
+        "biases": biases,
+        "params": tm.local_pieces(model, "param"),
+    })
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Reference runs, computed once per model variant for the whole module."""
+    cache = {}
+
+    def get(mtp: bool):
+        if mtp not in cache:
+            out = tmp_path_factory.mktemp("mtp" if mtp else "plain")
+            cache[mtp] = (out, tm.unpack(run_distributed(_reference, 1, str(out), mtp)[0]))
+        return cache[mtp]
+
+    return get
+
+
+def _close(name, got, want, rtol, atol):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        diff = (got - want).abs().max().item()
+        rel = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+        raise AssertionError(f"{name}: max abs diff {diff:.3g}, relative norm error {rel:.3g} "
+                             f"(rtol {rtol}, atol {atol}; |want|max {want.abs().max().item():.3g})")
+
+
+def _check_layout(references, world, tp, pp, ep, mtp, via):
+    out, ref = references(mtp)
+    results = [tm.unpack(r) for r in run_distributed(_layout, world, str(out), tp, pp, ep, mtp, via)]
+
+    # The weights each layout starts from are the reference's, exactly.
+    loaded = tm.assemble([r["loaded"] for r in results], replicated_atol=0.0)
+    assert set(loaded) == set(ref["params"])
+    for name, value in loaded.items():
+        assert torch.equal(value, ref["init"][name]), f"{name}: loaded weights differ from the reference"
+
+    for step in range(STEPS):
+        grads = tm.assemble([r["grads"][step] for r in results], replicated_atol=1e-6)
+        assert set(grads) == set(ref["grads"][step])
+        for name, want in ref["grads"][step].items():
+            _close(f"step {step + 1} grad {name}", grads[name], want, rtol=1e-4, atol=1e-5)
+        for r in results:  # the global grad norm (what clipping uses) is agreed by every rank
+            got, want = r["grad_norms"][step], ref["grad_norms"][step]
+            assert abs(got - want) <= 1e-5 * want, f"step {step + 1}: grad norm {got} != reference {want}"
+
+    # Losses: reported on the last pipeline stage (DP-averaged there); every such rank agrees with the reference.
+    last = [r["losses"] for r in results if r["last_stage"]]
+    assert last and all(not math.isnan(x) for losses in last for x in losses)
+    for losses in last:
+        for step, (got, want) in enumerate(zip(losses, ref["losses"]), 1):
+            assert abs(got - want) <= 1e-5 * abs(want) + 1e-6, f"step {step}: loss {got} != reference {want}"
+
+    # (Step 2 may move a bias back to where it started: the update is ±rate by sign of the load imbalance.)
+    assert any(not torch.equal(w, ref["init"][n]) for b in ref["biases"] for n, w in b.items()), "no bias moved"
+    for step in range(STEPS):
+        bias = tm.assemble([r["biases"][step] for r in results])
+        want_all = ref["biases"][step]
+        assert set(bias) == set(want_all) and bias, "every MoE layer's expert bias must be compared"
+        for name, want in want_all.items():
+            _close(f"step {step + 1} expert bias {name}", bias[name], want, rtol=0, atol=1e-6)
+
+    # Adam normalises each update by the gradient's running RMS, so fp32 noise in a near-zero gradient moves a
+    # weight by up to ~lr·(noise/|g|): 1e-4 absolute still catches any real difference (a wrong update is ~lr=1e-2).
+    params = tm.assemble([r["params"] for r in results], replicated_atol=1e-6)
+    for name in ref["params"]:
+        _close(f"weights after {STEPS} steps {name}", params[name], ref["params"][name], rtol=1e-4, atol=1e-4)
+
+
+# Megatron-Core 0.16.1, local (non-TE) spec, TP > 1: MLA's down projections are ColumnParallelLinear; their output
+# is all-gathered over TP (gather_from_tensor_model_parallel_region, whose backward only splits) and the rope key
+# k_pos_emb is taken from it at full sequence length. Each TP rank back-propagates only its own heads' part of
+# k_pos_emb's gradient and nothing sums those parts, so linear_kv_down_proj, input_layernorm and everything before
+# them get a gradient that is off by ~0.5% (relative), compounding over steps. The TE spec (duplicated down
+# projections + gather_from_sequence_parallel_region, whose backward reduce-scatters) is correct. Strict: when the
+# builder or Megatron fixes it these tests pass and the marker must go.
+MLA_TP_GRAD_BUG = pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="mcore 0.16.1 local-spec MLA with TP>1 drops the TP reduction of the rope-key gradient",
+)
+
+
+def test_tp2_hand_sharded_forward_and_grads_above_mla_down_projection(references):
+    """What TP=2 gets right despite the defect above, checked exactly: the loaded shards, the step-1 loss (the
+    whole forward pass), the step-1 expert-bias update (routing), and the step-1 gradients of every parameter the
+    lost rope-key gradient cannot reach (output layer, final norm, the last layer except its kv down projection
+    and input norm)."""
+    out, ref = references(False)
+    results = [tm.unpack(r) for r in run_distributed(_layout, 2, str(out), 2, 1, 1, False, "hand")]
+    loaded = tm.assemble([r["loaded"] for r in results], replicated_atol=0.0)
+    for name, value in loaded.items():
+        assert torch.equal(value, ref["init"][name]), f"{name}: loaded weights differ from the reference"
+    for r in results:
+        assert abs(r["losses"][0] - ref["losses"][0]) <= 1e-5 * abs(ref["losses"][0]), (r["losses"], ref["losses"])
+    bias = tm.assemble([r["biases"][0] for r in results])
+    for name, want in ref["biases"][0].items():
+        _close(f"step 1 expert bias {name}", bias[name], want, rtol=0, atol=1e-6)
+    grads = tm.assemble([r["grads"][0] for r in results], replicated_atol=1e-6)
+    last = f"decoder.layers.{tm.tiny_config().model.num_layers - 1}."
+    reachable = [n for n in ref["grads"][0] if n.startswith(("output_layer.", "decoder.final_layernorm."))
+                 or (n.startswith(last) and "kv_down_proj" not in n and "input_layernorm" not in n)]
+    assert len(reachable) > 10
+    for name in reachable:
+        _close(f"step 1 grad {name}", grads[name], ref["grads"][0][name], rtol=1e-4, atol=1e-5)
+
+
+@MLA_TP_GRAD_BUG
+def test_tp2_hand_sharded_with_mtp(references):
+    _check_layout(references, 2, tp=2, pp=1, ep=1, mtp=True, via="hand")
+
+
+def test_ep2_hand_sharded_with_mtp(references):
+    _check_layout(references, 2, tp=1, pp=1, ep=2, mtp=True, via="hand")
+
+
+def test_pp2_hand_sharded(references):
+    _check_layout(references, 2, tp=1, pp=2, ep=1, mtp=False, via="hand")
+
+
+@MLA_TP_GRAD_BUG
+def test_tp2_ep2_from_checkpoint_with_mtp(references):
+    _check_layout(references, 4, tp=2, pp=1, ep=2, mtp=True, via="checkpoint")
+
+
+def test_pp2_ep2_from_checkpoint(references):
+    _check_layout(references, 4, tp=1, pp=2, ep=2, mtp=False, via="checkpoint")
