@@ -79,13 +79,16 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     spec = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
-        from megatron_r1.pipeline.stages import build_config
+        from megatron_r1.pipeline.stages import build_config, check_sections
 
         for stage in spec.stages:
             cfg = build_config(stage)  # validates: a typo in the last stage fails now, not hours in
+            check_sections(stage)
             state = "done" if read_marker(stage) else "to run"
-            extra = f" from {stage.init_from}" if stage.init_from else ""
-            print(f"{stage.index + 1}. {stage.name:<20} {stage.type:<8} {cfg.stage:<13}{extra:<22} {state}")
+            start = stage.init_from or (cfg.checkpoint.load if stage.type != "distill" else None)
+            extra = f" from {start}" if start else ""
+            kind = cfg.stage if stage.type != "sample" else "-"
+            print(f"{stage.index + 1}. {stage.name:<20} {stage.type:<8} {kind:<13}{extra:<34} {state}")
         print(f"run dir: {spec.run_dir}")
         return 0
     run_pipeline(spec, args.until)

@@ -68,7 +68,7 @@ def teacher_config(teacher: str, prompts: str, prompt_options: dict, run_dir: st
 def build_distill_data(cfg: Config, opts: DistillOptions) -> tuple[Path, dict]:
     """Write the student's training jsonl (teacher answers + reused rows); return its path and a summary."""
     from megatron_r1.data import load_dataset
-    from megatron_r1.pipeline.rejection_sampling import SamplingOptions, run_sampling, write_jsonl
+    from megatron_r1.pipeline.rejection_sampling import SamplingOptions, print_summary, run_sampling, write_jsonl
     from megatron_r1.pipeline.sections import parse_section
     from megatron_r1.parallel.runtime import current_context
 
@@ -85,6 +85,7 @@ def build_distill_data(cfg: Config, opts: DistillOptions) -> tuple[Path, dict]:
         sampling.output = str(run_dir / "teacher" / "samples.jsonl")
         result = run_sampling(tcfg, sampling, allow_empty=True)  # reused data may still fill the set
         summary["teacher"] = result.as_dict()
+        print_summary(result, current_context().rank == 0)
         rows += [json.loads(line) for line in Path(result.output).read_text(encoding="utf-8").splitlines() if line]
     for path in opts.data:
         reused = load_dataset(path, split="train")

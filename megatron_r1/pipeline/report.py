@@ -49,8 +49,9 @@ def stage_lines(stage, marker: dict | None) -> list[str]:
         rows = read_metrics(stage.dir)
         kind = summary.get("stage") or "sft"
         keys = list(KEY_METRICS.get(kind, ["loss"]))
-        if kind == "grpo":  # the routed reward's name and per-route components, whatever the config called them
-            keys += sorted({k for r in rows for k in r if k.startswith("reward/") and k not in keys})
+        if kind == "grpo":  # every reward component, whatever the config called it (accuracy/format: shown above)
+            keys += sorted({k for r in rows for k in r if k.startswith("reward/") and k not in keys
+                            and k not in ("reward/accuracy", "reward/format", "reward/std")})
         for key in keys:
             pts = _series(rows, key)
             if pts:

@@ -275,6 +275,25 @@ def build_config(stage: StageSpec):
     return config_from_dict(stage.config, source=f"stage {stage.name}")
 
 
+def check_sections(stage: StageSpec) -> None:
+    """Parse the stage's own sections (sampling / distill / mixture) so their mistakes surface before any run."""
+    from megatron_r1.pipeline.sections import parse_section
+
+    where = f"stage {stage.name}"
+    if stage.type == "sample":
+        from megatron_r1.pipeline.rejection_sampling import SamplingOptions
+
+        parse_section(SamplingOptions, dict(stage.sampling or {}), f"{where}.sampling").validate(f"{where}.sampling")
+    if stage.type == "distill":
+        from megatron_r1.pipeline.distill import DistillOptions
+
+        parse_section(DistillOptions, dict(stage.distill or {}), f"{where}.distill")
+    if stage.mixture is not None:
+        from megatron_r1.pipeline.mixture import parse_mixture
+
+        parse_mixture(stage.mixture, f"{where}.mixture")
+
+
 def run_stage(stage: StageSpec) -> dict:
     """Run one stage in this process (every rank calls it); returns its summary for the marker and report."""
     import copy
