@@ -95,6 +95,10 @@ def build_distill_data(cfg: Config, opts: DistillOptions) -> tuple[Path, dict]:
         raise DataError("distill: no training rows (the teacher kept nothing and no data was reused)")
     if current_context().rank == 0:
         write_jsonl(rows, out)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # the student's SFT reads the file on every rank
     summary["rows"] = len(rows)
     summary["output"] = str(out)
     return out, summary

@@ -168,7 +168,7 @@ def sample_reasoning(cfg: Config, opts: SamplingOptions, checkpoint: str, prompt
     try:
         for start in range(0, len(mine), opts.batch_prompts):
             chunk = mine[start:start + opts.batch_prompts]
-            # Seeds depend on the prompt's global index, so the data does not change with the DP size.
+            # Seeds derive from the chunk's first global prompt index: a re-run with the same layout draws the same.
             batch = sample_group_rollouts(engine, tokenizer, template, [p for _, p in chunk], opts.n,
                                           cfg.generation, max_new, opts.seed * 7919 + chunk[0][0],
                                           temperature=temperature)

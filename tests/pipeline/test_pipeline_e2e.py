@@ -153,3 +153,26 @@ def test_rerun_skips_finished_stages_and_refuses_changed_ones(run):
     assert changed.returncode == 2
     assert "stage cold_start finished with a different configuration" in changed.stderr
     assert "base (train): done" in changed.stdout  # the unchanged stage before it was still skipped
+
+
+def test_sample_command_on_the_reasoning_checkpoint(run, tmp_path):
+    """`megatron-r1 sample CONFIG k=v` by itself: the stage config plus a `sampling:` section, overrides to both."""
+    run_dir, _ = run
+    cfg = stage_config(run_dir, "cold_start")
+    cfg.update(stage="sft", data={"source": "builtin:demo_arithmetic", "options": {"num_samples": 4, "seed": 9},
+                                  "template": "r1_zero"},
+               checkpoint={"load": str(run_dir / "reasoning_rl" / "checkpoints")},
+               logging={"run_dir": str(tmp_path), "progress": False, "plots": False, "tensorboard": False})
+    cfg["sampling"] = {"n": 2, "max_new_tokens": 8, "general_source": "builtin:preferences",
+                       "min_general_samples": 3}
+    f = tmp_path / "sample.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "megatron_r1", "sample", str(f), "sampling.n=3", "training.seed=4"]
+    with (tmp_path / "out.txt").open("w") as out:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = (tmp_path / "out.txt").read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "wrong_answer" in text and "of 12 drawn" in text  # 4 prompts × n=3 (the override won)
+    stats = json.loads((tmp_path / "samples.jsonl.stats.json").read_text())
+    assert stats["drawn"] == 12 and stats["options"]["n"] == 3 and stats["general_rows"] >= 3
+    assert len(jsonl(tmp_path / "samples.jsonl")) == stats["reasoning_rows"] + stats["general_rows"]
