@@ -460,6 +460,9 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
                f"({m.num_attention_heads}); set model.kv_channels")
     if m.multi_latent_attention:
         _check(m.arch == "deepseek_v3", "model.multi_latent_attention: only the deepseek_v3 architecture uses MLA")
+        _check(tp == 1 or p.sequence_parallel is not False,
+               "parallel.sequence_parallel: MLA with tensor parallelism needs sequence parallelism (its replicated "
+               "down projections rely on it for correct gradients)")
     if m.num_experts:
         _check(m.arch == "deepseek_v3", "model.num_experts: only the deepseek_v3 architecture has MoE layers")
         _check(m.num_experts % ep == 0,

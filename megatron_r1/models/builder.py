@@ -141,6 +141,40 @@ def _replace_in_spec(spec, table: dict, seen=None):
     return spec
 
 
+def _use_duplicated_mla_down_projections(block) -> None:
+    """MLA's q/kv down projections as replicated (duplicated) linears, as Transformer Engine's spec does.
+
+    Why: with Megatron-Core 0.16.1's local spec they are ColumnParallelLinear; their output is all-gathered over TP
+    and the rope key taken from it, but each TP rank back-propagates only its own heads' share of the rope key's
+    gradient and nothing sums the shares, so every gradient below attention is wrong at TP > 1 (found by
+    tests/parallel/test_parity.py). Replicated projections on sequence-parallel input take MLA's other branch,
+    whose gather reduce-scatters the gradient, and their weights' gradients are all-reduced over TP as
+    sequence-parallel parameters. Checkpoints are unchanged: the global tensors are the same.
+    """
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if getattr(mla, "Linear", None) is None:  # only bound when its TE-guarded import block succeeded
+        mla.Linear = Linear
+    for layer_spec in block.layer_specs:
+        attn = layer_spec.submodules.self_attention.submodules
+        attn.linear_q_down_proj = mla.Linear
+        attn.linear_kv_down_proj = mla.Linear
+
+
+def _init_duplicated_linears(model, std: float) -> None:
+    """Megatron's `Linear` keeps torch's default init; give it the model's init (same on every TP rank: the
+    default generator is seeded alike on all of them, unlike the model-parallel stream)."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
 def build_layer_spec(tconfig, use_te: Optional[bool] = None):
     """Decoder block spec (and MTP block spec) for this config; local modules where TE is absent."""
     import copy
@@ -160,6 +194,8 @@ def build_layer_spec(tconfig, use_te: Optional[bool] = None):
         from megatron_r1.models.local_layers import RMSNorm, SDPACoreAttention
 
         table = {DotProductAttention: SDPACoreAttention, WrappedTorchNorm: RMSNorm}
+        if tconfig.multi_latent_attention:
+            _use_duplicated_mla_down_projections(block)
         # Specs returned by Megatron are shared module-level objects: copy before editing.
         block = _replace_in_spec(copy.deepcopy(block), table)
         if mtp is not None:
@@ -198,6 +234,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, precision: str = "auto", pre_
         vp_stage=vp_stage,
     )
     _mark_expert_params_for_expert_dp(model, tconfig)
+    _init_duplicated_linears(model, m.init_method_std)
     if torch.cuda.is_available():
         model = model.cuda()
     return model

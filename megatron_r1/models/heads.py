@@ -23,6 +23,8 @@ def hidden_states_output(model):
     """Inside the block, `model(tokens, positions, mask)` returns final hidden states [b, s, H] instead of logits.
 
     Multi-token prediction is switched off inside the block: RL and reward scoring use the main head only.
+    Whatever consumes the hidden states must give each TP rank the full gradient w.r.t. them (the fused ops do:
+    they all-reduce the partial gradients of their vocab shards), as a replicated tensor's gradient.
     """
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
@@ -35,7 +37,10 @@ def hidden_states_output(model):
 
     def identity(hidden, weight=None, runtime_gather_output=None, **unused):
         if sp:
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+            # Consumers (megatron_r1.ops with tp_group) return the *full* gradient of the hidden states on every
+            # TP rank, already summed over the vocab shards; so the gather's backward must only split it back to
+            # this rank's sequence chunk, not reduce-scatter (which would sum it TP times).
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return hidden, None
 
     saved_mtp = (model.mtp_process, model.config.mtp_num_layers)

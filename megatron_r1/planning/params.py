@@ -5,10 +5,10 @@ biases except Qwen2's QKV bias, SwiGLU MLPs (fc1 is [2·ffn, h]), MLA with q/kv 
 shared expert (no shared-expert gate), a bias-free router. The router's expert bias is a buffer in Megatron (updated
 by the balancing rule, not by the optimizer), so it is counted apart (`expert_bias`), never in `trainable`.
 
-Per-GPU shards follow the Transformer Engine specs used on GPUs by default: MLA's down projections are duplicated over
-TP (`TELinear`, parallel_mode="duplicated"); the local (CPU) spec shards them column-parallel instead
-(`te_spec=False`, which the tests compare with real Megatron shards). It matters: for DeepSeek-V3 at TP 8 the
-duplicated down projections are 0.82B of the 4.49B parameters on each GPU of the examples' layout.
+Per-GPU shards: MLA's down projections are duplicated over TP in both specs (TE's `TELinear` with
+parallel_mode="duplicated"; the local spec uses Megatron's replicated `Linear`, see models/builder.py for why), which
+the tests compare with real Megatron shards. It matters: for DeepSeek-V3 at TP 8 the duplicated down projections are
+0.82B of the 4.49B parameters on each GPU of the examples' layout.
 """
 from __future__ import annotations
 
@@ -158,9 +158,9 @@ def _tp_shard(n: int, tp: int) -> int:
     return n // tp
 
 
-def attention_params_per_gpu(m: ModelConfig, tp: int, te_spec: bool = True) -> int:
-    """One layer's attention on one TP rank: head-sharded projections split, norms replicated, MLA's down
-    projections replicated (TE spec) or split (local spec)."""
+def attention_params_per_gpu(m: ModelConfig, tp: int) -> int:
+    """One layer's attention on one TP rank: head-sharded projections split; norms and MLA's down projections
+    replicated."""
     h, n = m.hidden_size, m.num_attention_heads
     if m.multi_latent_attention:
         q_head = m.qk_head_dim + m.qk_pos_emb_head_dim
@@ -173,18 +173,14 @@ def attention_params_per_gpu(m: ModelConfig, tp: int, te_spec: bool = True) -> i
         else:
             shard = h * n * q_head
         shard += m.kv_lora_rank * n * (m.qk_head_dim + m.v_head_dim) + n * m.v_head_dim * h
-        if te_spec:
-            rep += down
-        else:
-            shard += down
-        return rep + _tp_shard(shard, tp)
+        return rep + down + _tp_shard(shard, tp)
     return h + _tp_shard(attention_params(m) - h, tp)
 
 
-def layer_params_per_gpu(m: ModelConfig, index: int, tp: int, ep: int, etp: int, te_spec: bool = True) -> Split:
+def layer_params_per_gpu(m: ModelConfig, index: int, tp: int, ep: int, etp: int) -> Split:
     """One decoder layer on one GPU: attention/dense MLP/shared expert split TP-way, routed experts E/EP per rank,
     each split ETP-way, router and norms replicated."""
-    attn = attention_params_per_gpu(m, tp, te_spec)
+    attn = attention_params_per_gpu(m, tp)
     h = m.hidden_size
     if is_moe_layer(m, index):
         dense = attn + h + router_params(m) + _tp_shard(shared_expert_params(m), tp)
@@ -201,7 +197,7 @@ def stage_layers(m: ModelConfig, pp: int, stage: int, p: ParallelConfig | None =
     return range(start, start + counts[stage])
 
 
-def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int, te_spec: bool = True) -> Split:
+def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int) -> Split:
     """Parameters one GPU of pipeline stage `stage` holds: its layers' shards, plus the (padded, vocab-parallel)
     embedding on the first stage and final norm, output layer and MTP modules (with their embedding copy when
     PP > 1) on the last."""
@@ -211,7 +207,7 @@ def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int, te_spec:
     vocab_shard = m.padded_vocab_size(tp) // tp * h
     total = Split()
     for i in stage_layers(m, pp, stage, p):
-        total = total + layer_params_per_gpu(m, i, tp, ep, etp, te_spec)
+        total = total + layer_params_per_gpu(m, i, tp, ep, etp)
     first, last = stage == 0, stage == pp - 1
     if first:
         total = total + Split(dense=vocab_shard)
@@ -226,6 +222,6 @@ def stage_params_per_gpu(m: ModelConfig, p: ParallelConfig, stage: int, te_spec:
             if not first:
                 # MTP embeds the shifted tokens itself: Megatron builds a second (shared) embedding on the last stage.
                 total = total + Split(dense=vocab_shard)
-            mtp_layer = layer_params_per_gpu(m, m.num_layers - 1, tp, ep, etp, te_spec)
+            mtp_layer = layer_params_per_gpu(m, m.num_layers - 1, tp, ep, etp)
             total = total + (mtp_layer + Split(dense=mtp_extra_params(m))) * n_mtp
     return total

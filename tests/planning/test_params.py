@@ -168,17 +168,19 @@ def test_per_gpu_counts_equal_megatron_shards():
     for i, overrides in enumerate(SHARDED):
         cfg = load_config(None, overrides)
         for params, _, pp_rank in (r[i] for r in per_rank):
-            # CPU builds use the local spec, which splits MLA's down projections over TP (TE duplicates them)
-            planned = stage_params_per_gpu(cfg.model, cfg.parallel, pp_rank, te_spec=False)
+            planned = stage_params_per_gpu(cfg.model, cfg.parallel, pp_rank)
             assert planned.total == params, (overrides, pp_rank)
 
 
-def test_te_spec_duplicates_mla_down_projections():
-    cfg = load_config(None, ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2",
-                             "parallel.expert_model_parallel_size=2"])
-    te = stage_params_per_gpu(cfg.model, cfg.parallel, 0).total
-    local = stage_params_per_gpu(cfg.model, cfg.parallel, 0, te_spec=False).total
-    assert te - local == 4 * (256 * 96 + 256 * (64 + 16)) // 2  # 4 layers × half of (q down + kv down)
+def test_mla_down_projections_are_replicated_over_tp():
+    one = load_config(None, ["model.preset=deepseek_v3_tiny"])
+    two = load_config(None, ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2"])
+    from megatron_r1.planning.params import attention_params_per_gpu
+
+    down = 256 * 96 + 256 * (64 + 16)  # q down + kv down (with the rope key)
+    norms = 256 + 96 + 64
+    full = attention_params_per_gpu(one.model, 1)
+    assert attention_params_per_gpu(two.model, 2) == down + norms + (full - down - norms) // 2
 
 
 def test_uneven_pipeline_stages_follow_the_config():

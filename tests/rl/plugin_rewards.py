@@ -16,3 +16,12 @@ def flaky(completions, samples):
 def says_think(completions, samples):
     """1.0 when the answer contains the `<think>` tag: one token to find, so a random model learns it quickly."""
     return [1.0 if "<think>" in text else 0.0 for text in completions]
+
+
+def starts_a_to_m(completions, samples):
+    """1.0 when the answer's first letter is in a..m (about a fifth of a random model's answers)."""
+    out = []
+    for text in completions:
+        first = next((ch for ch in text if not ch.isspace()), "")
+        out.append(1.0 if first.isascii() and first.isalpha() and first.lower() in "abcdefghijklm" else 0.0)
+    return out

@@ -68,7 +68,13 @@ def _one_step_weights(rank, world, tmp, tp, init_dir):
 
     cfg = grpo_config(f"{tmp}/tp{tp}", [f"parallel.tensor_model_parallel_size={tp}", "training.train_steps=1",
                                         f"checkpoint.load={init_dir}", "checkpoint.finetune=true",
-                                        "checkpoint.load_optimizer=false", "rl.kl_coef=0.01"])
+                                        "checkpoint.load_optimizer=false", "rl.kl_coef=0.01",
+                                        # Adam's first step is lr·sign(g) where eps is tiny: float noise in
+                                        # near-zero gradients would flip signs; a larger eps keeps the update a
+                                        # smooth function of the gradient, so two layouts can be compared
+                                        "optimizer.adam_eps=1e-3",
+                                        # a reward that differs within groups, so the step has real gradients
+                                        "rewards=[{name: 'tests.rl.plugin_rewards:starts_a_to_m'}]"])
     metrics = run_grpo(cfg)
     from megatron_r1.checkpoint import load_model_only
     from megatron_r1.models import build_model
@@ -93,8 +99,10 @@ def test_one_rl_step_at_tp2_equals_tp1(tmp_path):
     run_distributed(_save_init, 1, str(tmp_path))
     (m1, w1), = run_distributed(_one_step_weights, 1, str(tmp_path), 1, f"{tmp_path}/init")
     (m2, w2), _ = run_distributed(_one_step_weights, 2, str(tmp_path), 2, f"{tmp_path}/init")
-    assert m1["reward"] == m2["reward"]  # the same samples were drawn
+    assert m1["reward"] == m2["reward"] and 0 < m1["reward"] < 1  # the same samples, with signal
+    assert m1["grad_norm"] > 1e-3
     assert abs(m1["loss"] - m2["loss"]) < 1e-5
+    assert abs(m1["grad_norm"] - m2["grad_norm"]) < 1e-4 * m1["grad_norm"]
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
