@@ -7,7 +7,6 @@ students. Same training step, checkpoints, resume and logging as pre-training; h
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 
 import torch
@@ -19,7 +18,7 @@ from megatron_r1.parallel import init_parallel
 from megatron_r1.sft.data import build_sft_rows
 from megatron_r1.training.lm_data import PackedLMDataset
 from megatron_r1.training.loop import resume_or_init, run_loop
-from megatron_r1.training.pretrain import check_vocab, lm_forward_step, num_microbatches
+from megatron_r1.training.pretrain import check_vocab, lm_forward_step, lm_train_step, num_microbatches
 from megatron_r1.training.setup import build_train_state
 
 log = get_logger()
@@ -82,22 +81,10 @@ def run_sft(cfg: Config) -> dict:
     state = build_train_state(cfg, ctx, steps)
     resume_or_init(state)
     n_micro = num_microbatches(cfg, ctx.dp_size)
-    forward_step = partial(lm_forward_step, device=ctx.device)
     last: dict = {}
-    from megatron_r1.training.step import train_step
 
     def one_step(state):
-        t0 = time.perf_counter()
-        batches = dataset.micro_batches(state.consumed_samples, t.global_batch_size, t.micro_batch_size,
-                                        ctx.dp_rank, ctx.dp_size)
-        result = train_step(state, forward_step, batches, n_micro, cfg.model.seq_length, t.micro_batch_size)
-        state.consumed_samples += t.global_batch_size
-        state.step += 1
-        dt = time.perf_counter() - t0
-        tokens = result.metrics.get("tokens", 0.0) * n_micro * ctx.dp_size
-        metrics = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                   "skipped": float(result.skipped), "epoch": state.consumed_samples / len(dataset),
-                   "tokens_per_s": tokens / dt if dt > 0 else math.nan}
+        metrics = lm_train_step(state, dataset, n_micro)
         if eval_set is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or state.step == steps):
             metrics["eval/loss"] = heldout_loss(state, eval_set, cfg, ctx.device, t.eval_batches)
         last.clear()

@@ -55,6 +55,27 @@ def build_lm_dataset(cfg: Config, tokenizer) -> PackedLMDataset:
     return PackedLMDataset(windows, tokenizer.pad_id, cfg.training.seed)
 
 
+def lm_train_step(state, dataset: PackedLMDataset, n_micro: int) -> dict:
+    """One optimizer step of next-token training on the dataset's next global batch; returns its metrics.
+
+    Shared by pre-training and SFT (whose dataset masks the prompt out of the loss)."""
+    cfg, ctx, t = state.config, state.ctx, state.config.training
+    t0 = time.perf_counter()
+    batches = dataset.micro_batches(state.consumed_samples, t.global_batch_size, t.micro_batch_size, ctx.dp_rank,
+                                    ctx.dp_size)
+    result = train_step(state, partial(lm_forward_step, device=ctx.device), batches, n_micro, cfg.model.seq_length,
+                        t.micro_batch_size)
+    state.consumed_samples += t.global_batch_size
+    state.step += 1
+    dt = time.perf_counter() - t0
+    tokens = result.metrics.get("tokens", 0.0) * n_micro * ctx.dp_size
+    metrics = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped),
+               "tokens_per_s": tokens / dt if dt > 0 else math.nan, "consumed_samples": state.consumed_samples,
+               "epoch": state.consumed_samples / len(dataset)}
+    metrics.update({k: v for k, v in result.metrics.items() if k.startswith("moe/")})
+    return metrics
+
+
 def run_pretrain(cfg: Config) -> dict:
     """Train for `training.train_steps` steps (resuming if `checkpoint.save` has a checkpoint); return last metrics."""
     from megatron_r1.data.tokenizer import load_tokenizer
@@ -66,26 +87,13 @@ def run_pretrain(cfg: Config) -> dict:
     state = build_train_state(cfg, ctx, cfg.training.train_steps)
     resume_or_init(state)
     n_micro = num_microbatches(cfg, ctx.dp_size)
-    t = cfg.training
-    forward_step = partial(lm_forward_step, device=ctx.device)
     last: dict = {}
 
     def one_step(state):
-        t0 = time.perf_counter()
-        batches = dataset.micro_batches(state.consumed_samples, t.global_batch_size, t.micro_batch_size,
-                                        ctx.dp_rank, ctx.dp_size)
-        result = train_step(state, forward_step, batches, n_micro, cfg.model.seq_length, t.micro_batch_size)
-        state.consumed_samples += t.global_batch_size
-        state.step += 1
-        dt = time.perf_counter() - t0
-        tokens = result.metrics.get("tokens", 0.0) * n_micro * ctx.dp_size
-        metrics = {"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                   "skipped": float(result.skipped), "tokens_per_s": tokens / dt if dt > 0 else math.nan,
-                   "consumed_samples": state.consumed_samples}
-        metrics.update({k: v for k, v in result.metrics.items() if k.startswith("moe/")})
+        metrics = lm_train_step(state, dataset, n_micro)
         last.clear()
         last.update(metrics)
         return metrics
 
-    run_loop(state, t.train_steps, one_step, desc="pretrain")
+    run_loop(state, cfg.training.train_steps, one_step, desc="pretrain")
     return dict(last)
