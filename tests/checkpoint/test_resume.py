@@ -43,7 +43,10 @@ def _config(tmp: Path, name: str) -> Path:
     return path
 
 
-def _train(config: Path, kill_after: int | None = None, run_dir_suffix: str = "") -> subprocess.CompletedProcess:
+def _train(config: Path, kill_after: int | None = None, run_dir_suffix: str = "") -> tuple[int, str]:
+    """Run the trainer; returns (exit code, its stderr). Output goes to files, not pipes: a SIGKILLed trainer
+    leaves dist_checkpointing's helper processes behind holding inherited pipes open, and a pipe reader would
+    wait for them. The trainer gets its own process group, which is killed afterwards to end those helpers."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MEGATRON_R1_TEST_KILL_AFTER_STEP", None)
     if kill_after is not None:
@@ -52,7 +55,17 @@ def _train(config: Path, kill_after: int | None = None, run_dir_suffix: str = ""
     if run_dir_suffix:
         run_dir = Path(yaml.safe_load(config.read_text())["logging"]["run_dir"] + run_dir_suffix)
         cmd.append(f"logging.run_dir={run_dir}")
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = config.with_suffix(f".{kill_after}{run_dir_suffix}.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: trainer leftovers only
+            except ProcessLookupError:
+                pass
+    return code, log.read_text()[-3000:]
 
 
 def _steps_logged(run_dir: Path) -> list[int]:
@@ -90,18 +103,18 @@ def test_kill_and_resume_equals_straight_run(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
 
     straight = _config(tmp_path, "straight")
-    done = _train(straight)
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, out = _train(straight)
+    assert code == 0, out
 
     broken = _config(tmp_path, "broken")
-    killed = _train(broken, kill_after=N // 2)
-    assert killed.returncode == -signal.SIGKILL, f"expected SIGKILL, got {killed.returncode}\n{killed.stderr[-3000:]}"
+    code, out = _train(broken, kill_after=N // 2)
+    assert code == -signal.SIGKILL, f"expected SIGKILL, got {code}\n{out}"
     ckpt = tmp_path / "broken" / "ckpt"
     assert (ckpt / "latest").read_text().strip() == f"iter_{N // 2:07d}"
     assert _steps_logged(tmp_path / "broken" / "run") == list(range(1, N // 2 + 1))
 
-    resumed = _train(broken, run_dir_suffix="_resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, out = _train(broken, run_dir_suffix="_resumed")
+    assert code == 0, out
     # It continued from the checkpoint: only the second half was trained by this process.
     assert _steps_logged(tmp_path / "broken" / "run_resumed") == list(range(N // 2 + 1, N + 1))
     assert (ckpt / "latest").read_text().strip() == f"iter_{N:07d}"
