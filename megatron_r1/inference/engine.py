@@ -21,6 +21,7 @@ the tokens generated so far) at the next step.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -33,6 +34,8 @@ import torch.distributed as dist
 from megatron_r1.errors import UserError
 from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
 
 
 class QueueFullError(UserError):
@@ -49,7 +52,7 @@ class GenerationResult:
     logprobs: list[float]  # log p(token) at the request's temperature: the behaviour policy (see sampling.py)
     raw_logprobs: list[float]  # log p(token) at temperature 1
     text: Optional[str]  # decoded generated text when the engine has a tokenizer
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" (the engine step failed; see the log)
     weight_version: int  # engine weight version when the request finished
 
 
@@ -89,7 +92,12 @@ class Engine:
     """Generation on a Megatron GPTModel in-process; see the module docstring."""
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
-                 max_queue: int = 1024, max_prefill_tokens: int = 8192, mla_absorb: bool = True, seed: int = 0):
+                 max_queue: int = 1024, max_prefill_tokens: int = 8192, mla_absorb: bool = True, seed: int = 0,
+                 vocab_size: Optional[int] = None):
+        """`vocab_size`: the real vocabulary; logits of the padding rows above it (Megatron pads the embedding to
+        `vocab_pad_multiple`) are set to -inf, so those ids are never sampled and log-probs are normalised over
+        the real vocabulary. None: the tokenizer's vocab_size when a tokenizer is given, else the whole padded
+        vocabulary (the same normalisation as megatron_r1.ops log-probs over the model's logits)."""
         from megatron.core import parallel_state as ps
 
         self.model = unwrap_model(model)
@@ -105,13 +113,19 @@ class Engine:
         self._ids = itertools.count()
         self._waiting: deque[Request] = deque()
         self._rows: list[Request] = []  # running requests; index = cache row
-        self._last = torch.zeros(self.max_batch_size, dtype=torch.long)  # token to feed at the next decode
+        self.device = self.model.embedding.word_embeddings.weight.device
+        self._last = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # next decode's input
         self._lock = threading.Lock()  # guards _waiting and request submission / abort
         self._step_lock = threading.Lock()  # one scheduler step (or refit) at a time
         self._wake = threading.Condition(self._lock)
         self._thread: Optional[threading.Thread] = None
         self._stop = False
         self.eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
+        if vocab_size is None and tokenizer is not None:
+            vocab_size = tokenizer.vocab_size
+        if vocab_size is not None and vocab_size > self.fn.vocab_size:
+            raise UserError(f"vocab_size {vocab_size} exceeds the model's {self.fn.vocab_size} embedding rows")
+        self.vocab_size = vocab_size if vocab_size is not None and vocab_size < self.fn.vocab_size else None
         # Groups whose ranks must sample the same tokens (see module docstring).
         self._sync_group, self._sync_src = None, 0
         if ps.is_initialized() and dist.is_initialized():
@@ -121,7 +135,7 @@ class Engine:
                 self._sync_group = self.fn.tp_group
                 self._sync_src = ps.get_tensor_model_parallel_src_rank()
         self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "refits": 0,
-                      "last_refit_seconds": 0.0}
+                      "last_refit_seconds": 0.0, "failed_steps": 0}
 
     # ------------------------------------------------------------------------------------------ submission
     @property
@@ -146,7 +160,7 @@ class Engine:
         if len(prompt) >= self.max_seq_len:
             raise UserError(f"the prompt has {len(prompt)} tokens; the context is {self.max_seq_len} tokens "
                             "(prompt + at least one new token must fit)")
-        vocab = self.fn.vocab_size
+        vocab = self.vocab_size or self.fn.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise UserError(f"prompt token ids must be in [0, {vocab})")
         gen = torch.Generator().manual_seed(int(params.seed)) if params.seed is not None else None
@@ -203,19 +217,21 @@ class Engine:
             ids = r.prompt + r.tokens  # resumed requests (after a refit) re-prefill what they generated so far
             tokens[i, :len(ids)] = torch.tensor(ids)
         lengths = torch.tensor([r.length for r in batch])
-        logits = self.fn.prefill(tokens, lengths, self.cache, row0=row0)
+        logits = self.fn.prefill(tokens.to(self.device), lengths.to(self.device), self.cache, row0=row0)
         self._rows.extend(batch)
         self.stats["prompt_tokens"] += int(lengths.sum())
         self._sample_and_advance(logits, list(range(row0, row0 + len(batch))), finished)
 
     def _decode(self, finished):
         n = len(self._rows)
-        pos = torch.tensor([r.length - 1 for r in self._rows])
+        pos = torch.tensor([r.length - 1 for r in self._rows], device=self.device)
         logits = self.fn.decode(self._last[:n], pos, self.cache)
         self._sample_and_advance(logits, list(range(n)), finished)
 
     def _sample_and_advance(self, logits, rows: list[int], finished):
         reqs = [self._rows[i] for i in rows]
+        if self.vocab_size is not None:
+            logits = logits[:, :self.vocab_size]  # padding rows of the embedding are not tokens
         tokens, lp, raw = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self._default_gen)
         if self._sync_group is not None:
             packed = torch.stack([tokens.double(), lp.double(), raw.double()])
@@ -224,10 +240,11 @@ class Engine:
         self._last[rows[0]:rows[-1] + 1] = tokens
         now = time.monotonic()
         done_rows = []
+        lp, raw = lp.tolist(), raw.tolist()  # one device sync per step, not one per value
         for j, (req, t) in enumerate(zip(reqs, tokens.tolist())):
             req.tokens.append(t)
-            req.logprobs.append(float(lp[j]))
-            req.raw_logprobs.append(float(raw[j]))
+            req.logprobs.append(lp[j])
+            req.raw_logprobs.append(raw[j])
             if req.first_token_time is None:
                 req.first_token_time = now
             reason = self._stop_reason(req, t)
@@ -259,9 +276,6 @@ class Engine:
         if self.tokenizer is None:
             return
         ids = req.tokens[:-1] if drop_last else req.tokens
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab is not None:  # ids in the padded part of the vocab have no text
-            ids = [t for t in ids if t < vocab]
         req.text = self.tokenizer.decode(ids)
 
     def _finish(self, req: Request, reason: str, finished: list, row: Optional[int] = None):
@@ -372,4 +386,15 @@ class Engine:
                     self._wake.wait(timeout=1.0)
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a failed step must not hang every waiting client
+                log.exception("engine step failed; failing the requests in flight")
+                self.stats["failed_steps"] += 1
+                with self._step_lock:
+                    with self._lock:
+                        failed = list(self._waiting) + self._rows
+                        self._waiting.clear()
+                    self._rows = []
+                    for r in failed:
+                        self._finish(r, "error", [])

@@ -297,7 +297,7 @@ class FunctionalGPT:
             if cache is not None:
                 cache.k[i][row0:row0 + B, :, :T] = k
                 cache.v[i][row0:row0 + B, :, :T] = v
-            o = self._attend(q.view(B, self.heads, T, self.hd), k, v, mask)
+            o = self._attend(q.reshape(B, self.heads, T, self.hd), k, v, mask)
         return _all_reduce(F.linear(o, attn.linear_proj.weight), self.tp_group)
 
     def _dense_qkv(self, attn, x, rope):
@@ -371,7 +371,7 @@ class FunctionalGPT:
                                          cache, row0)
             x = x + self._ffn(layer, self._norm(layer.pre_mlp_layernorm, x))
         if not all_logits:
-            x = x[torch.arange(B), lengths - 1]
+            x = x[torch.arange(B, device=x.device), lengths - 1]
         return self._logits(self._norm(self.model.decoder.final_layernorm, x))
 
     @torch.inference_mode()
@@ -382,14 +382,15 @@ class FunctionalGPT:
         x = self._embed(tokens)  # [B, h]
         rope = self._tables(pos.unsqueeze(1))
         # additive mask over cache positions, shared by all layers: 0 where visible, -inf past each row's length
-        bias = torch.zeros(B, L, dtype=x.dtype).masked_fill_(
-            torch.arange(L)[None, :] > pos[:, None], float("-inf"))
+        dev = x.device
+        bias = torch.zeros(B, L, dtype=x.dtype, device=dev).masked_fill_(
+            torch.arange(L, device=dev)[None, :] > pos[:, None], float("-inf"))
         # where each row's new K/V (or latent) goes, as flat row indices into the cache: once per step
         if self.mla:
-            slots = torch.arange(B) * cache.max_seq + pos
+            slots = torch.arange(B, device=dev) * cache.max_seq + pos
         else:
-            heads = torch.arange(self.kv_heads)
-            slots = ((torch.arange(B)[:, None] * self.kv_heads + heads[None, :]) * cache.max_seq + pos[:, None])
+            heads = torch.arange(self.kv_heads, device=dev)
+            slots = ((torch.arange(B, device=dev)[:, None] * self.kv_heads + heads[None, :]) * cache.max_seq + pos[:, None])
             slots = slots.reshape(-1)
         for i, layer in enumerate(self.layers):
             h = self._norm(layer.input_layernorm, x).unsqueeze(1)

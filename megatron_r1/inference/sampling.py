@@ -4,7 +4,9 @@ Log-probs returned with each sampled token (the behaviour policy for truncated i
 - `logprobs[t]`: log p(token) under softmax(logits / T), T = the request's temperature (T = 1 for greedy). This is
   what the RL trainer compares against its own recompute at the same temperature.
 - `raw_logprobs[t]`: log p(token) under softmax(logits) (temperature 1), for evaluation and KL diagnostics.
-Both cover the model's whole (padded) vocabulary, the same normalisation as `megatron_r1.ops` log-probs. top-k /
+Both are normalised over the vocabulary the engine samples from: the real vocabulary when the engine knows it
+(`Engine(vocab_size=...)` or its tokenizer; Megatron's padding rows are masked), else the whole padded vocabulary —
+the normalisation of `megatron_r1.ops` log-probs over the model's logits (the RL trainer must use the same). top-k /
 top-p truncation changes which tokens can be drawn but is not folded into the returned log-probs (RL rollouts use
 top_p = 1, top_k = 0, where the two coincide).
 
@@ -61,16 +63,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     temp_list = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     raw_lp = torch.log_softmax(logits, dim=-1)
     if any(t != 1.0 for t in temp_list):
-        lp = torch.log_softmax(logits / torch.tensor(temp_list)[:, None], dim=-1)
+        lp = torch.log_softmax(logits / torch.tensor(temp_list, device=logits.device)[:, None], dim=-1)
     else:
         lp = raw_lp
     greedy_list = [p.greedy for p in params]
     if all(greedy_list):  # the common evaluation case: no masks, no noise
         tokens = logits.argmax(-1)
-        ar = torch.arange(B)
+        ar = torch.arange(B, device=logits.device)
         return tokens, lp[ar, tokens], raw_lp[ar, tokens]
-    greedy = torch.tensor(greedy_list)
-    tokens = torch.empty(B, dtype=torch.long)
+    greedy = torch.tensor(greedy_list, device=logits.device)
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     if any(greedy_list):
         tokens[greedy] = logits[greedy].argmax(-1)
     idx = (~greedy).nonzero().squeeze(-1)
@@ -80,13 +82,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if any(k > 0 for k in ks) or any(p < 1.0 for p in ps):
         rows_lp = _truncate(rows_lp, ks, ps)
     # exponential race: argmax p / E with E ~ Exp(1) is a draw from p; noise from the request's generator
-    noise = torch.empty_like(rows_lp)
+    # drawn on the CPU (per-request CPU generators: the same seed gives the same text on any device)
+    noise = torch.empty(rows_lp.shape, dtype=torch.float32)
     for j, i in enumerate(idx.tolist()):
         gen = generators[i] if generators[i] is not None else default_gen
         noise[j].uniform_(generator=gen)
+    noise = noise.to(rows_lp.device)
     gumbel_like = rows_lp - torch.log(-torch.log(noise.clamp_min(1e-20)))
     tokens[idx] = gumbel_like.argmax(-1)
-    ar = torch.arange(B)
+    ar = torch.arange(B, device=logits.device)
     return tokens, lp[ar, tokens], raw_lp[ar, tokens]
 
 
@@ -94,10 +98,10 @@ def _truncate(lp: torch.Tensor, ks: list[int], ps: list[float]) -> torch.Tensor:
     """Set log-probs outside each row's top-k / nucleus to -inf."""
     sorted_lp, order = lp.sort(dim=-1, descending=True)
     V = lp.shape[-1]
-    rank = torch.arange(V)[None, :]
-    k = torch.tensor([kk if kk > 0 else V for kk in ks])[:, None]
+    rank = torch.arange(V, device=lp.device)[None, :]
+    k = torch.tensor([kk if kk > 0 else V for kk in ks], device=lp.device)[:, None]
     drop = rank >= k
-    p = torch.tensor(ps)[:, None]
+    p = torch.tensor(ps, device=lp.device)[:, None]
     cum = sorted_lp.exp().cumsum(-1)
     # keep a token while the mass before it is < top_p (the most likely token is always kept)
     drop |= (cum - sorted_lp.exp()) >= p

@@ -298,6 +298,8 @@ def create_app(engine: Engine, model_name: str, max_n: int = 16, start_engine: b
             results = await _wait_all(handles, wake)
         finally:
             _abort(handles)  # the handler was cancelled: free the slots
+        if any(r.finish_reason == "error" for r in results):
+            raise APIError(500, "generation failed inside the engine (see the server log)", "server_error")
         choices = []
         for i, r in enumerate(results):
             text = r.text if r.text is not None else ""

@@ -81,3 +81,12 @@ def test_pipeline_parallel_is_refused(monkeypatch, models):
     monkeypatch.setattr(ps, "get_pipeline_model_parallel_world_size", lambda: 2)
     with pytest.raises(ConfigError, match="pipeline parallelism"):
         FunctionalGPT(models["llama_tiny"])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_single_prompt_prefill(models, preset):
+    """Batch of one (the server's usual prefill): layouts that are views for B > 1 may not be for B = 1."""
+    model = models[preset]
+    tokens = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
+    out = FunctionalGPT(model, max_seq=32).prefill(tokens, torch.tensor([9]), all_logits=True)
+    assert (out - _megatron_logits(model, tokens)).abs().max().item() < 1e-5

@@ -10,25 +10,46 @@ import httpx
 from .test_server import _free_port
 
 
-def test_serve_preset_and_sigterm(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "megatron_r1", "serve", "--preset", "llama_tiny", "--tokenizer", "builtin:demo",
-         "--port", str(port), "--max-batch-size", "4", "--max-seq-len", "128", "--threads", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
+def _clean_env():
+    # this pytest process may hold a torch.distributed rendezvous (RANK, MASTER_PORT...): the server is a fresh,
+    # single-process job and must pick its own
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1"}
+
+
+def _start(tmp_path):
+    """The server process and its URL; a port taken between choosing and binding it (CI machines running other
+    tests) is retried with another port."""
+    for attempt in range(3):
+        port = _free_port()
+        log = open(tmp_path / "serve.log", "w+")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "megatron_r1", "serve", "--preset", "llama_tiny", "--tokenizer", "builtin:demo",
+             "--port", str(port), "--max-batch-size", "4", "--max-seq-len", "128", "--threads", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=_clean_env())
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
         while True:
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()
+            if proc.poll() is not None:
+                text = open(tmp_path / "serve.log").read()
+                if "address already in use" in text and attempt < 2:
+                    break
+                raise AssertionError(text)
             try:
                 if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
+                    return proc, base
             except httpx.TransportError:
                 pass
-            assert time.time() < deadline, "server did not come up"
+            if time.time() > deadline:
+                proc.kill()
+                raise AssertionError("server did not come up")
             time.sleep(0.2)
+    raise AssertionError("no free port")
+
+
+def test_serve_preset_and_sigterm(tmp_path):
+    proc, base = _start(tmp_path)
+    try:
         r = httpx.post(base + "/v1/completions", json={"model": "llama_tiny", "prompt": "What is 2 plus 3?",
                                                        "max_tokens": 4}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] is not None

@@ -35,7 +35,8 @@ def server(parallel_tp1):
                     max_seq_len=CONTEXT, max_queue=256)
     app = create_app(engine, MODEL, max_n=4)
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        timeout_graceful_shutdown=5))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
@@ -51,7 +52,7 @@ def server(parallel_tp1):
 def test_openai_client_completions_and_chat(server):
     openai = pytest.importorskip("openai")
     base, _ = server
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
     assert [m.id for m in client.models.list().data] == [MODEL]
 
     r = client.completions.create(model=MODEL, prompt="What is 2 plus 3?", max_tokens=6, temperature=0,
@@ -83,7 +84,8 @@ def test_openai_client_completions_and_chat(server):
 def test_sse_ends_with_done(server):
     base, _ = server
     with httpx.stream("POST", base + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7],
-                                                              "max_tokens": 3, "stream": True}, timeout=60) as r:
+                                                              "max_tokens": 3, "stream": True,
+                                                              "ignore_eos": True}, timeout=60) as r:
         lines = [ln for ln in r.iter_lines() if ln]
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]"
