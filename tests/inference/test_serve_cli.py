@@ -6,6 +6,7 @@ import sys
 import time
 
 import httpx
+import torch
 
 from .test_server import _free_port
 
@@ -69,3 +70,19 @@ def test_serve_cli_user_errors(capsys):
     assert "unknown preset" in capsys.readouterr().err
     assert main(["serve", "--load", "/nonexistent/ckpt"]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_serve_load_checkpoint(parallel_tp1, tmp_path):
+    """`serve --load`: weights come from a model-only checkpoint (megatron_r1.checkpoint), not a random init."""
+    from megatron_r1.checkpoint import save_model_only
+    from megatron_r1.inference.cli import build_engine, build_parser
+
+    from .conftest import make_model
+
+    model = make_model("llama_tiny", seed=41)
+    save_model_only(model, tmp_path / "ckpt")
+    args = build_parser().parse_args(["--load", str(tmp_path / "ckpt"), "--model-preset", "llama_tiny"])
+    engine, name = build_engine(args)
+    assert name == "ckpt"
+    for (n, a), b in zip(model.named_parameters(), engine.model.parameters()):
+        assert torch.equal(a, b), n
