@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for name, ranks in results.items():
         for r, res in enumerate(ranks):
-            print(f"{name:<8} {r:>4} {res['tp_rank']}/{res['ep_rank']}/{res['dp_rank']:>4} {res['params']:>9} "
+            ranks = f"{res['tp_rank']}/{res['ep_rank']}/{res['dp_rank']}"
+            print(f"{name:<8} {r:>4} {ranks:>8} {res['params']:>9} "
                   f"{res['step_s']:>8.3f} {res['step_s'] / base['step_s']:>6.2f} "
                   f"{res['peak_rss_mb']:>8.0f} {res['peak_rss_mb'] / base['peak_rss_mb']:>6.2f} "
                   f"{res['growth_mb']:>12.0f} {res['growth_mb'] / max(base['growth_mb'], 1e-9):>6.2f}")
