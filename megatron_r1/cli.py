@@ -6,7 +6,13 @@ Each command is `main(argv: list[str]) -> int` in its own module (no giant argpa
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. On a CPU shared with
+# other work (the generator, reward workers, a second rank), spinning threads were measured to make a GRPO step
+# several times slower; with the machine to itself the cost is nil.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COMMANDS = {
     "demo": ("megatron_r1.rl.demo:main", "the embedded CPU demo: tiny DeepSeek-V3 base -> R1-Zero GRPO -> eval"),
