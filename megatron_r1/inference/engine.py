@@ -261,14 +261,18 @@ class Engine:
         if token in p.stop_token_ids or (token == self.eos_id and not p.ignore_eos):
             self._update_text(req, drop_last=token == self.eos_id)
             return "stop"
-        self._update_text(req)
-        if p.stop and self.tokenizer is not None:
-            for s in p.stop:
-                cut = req.text.find(s)
-                if cut >= 0:
-                    req.text = req.text[:cut]
-                    return "stop"
+        # Text is decoded every token only when something reads it every token (stop strings, streaming);
+        # otherwise once, when the request ends (per-token decoding was ~4% of a GRPO step).
+        if p.stop or req.on_update is not None:
+            self._update_text(req)
+            if p.stop and self.tokenizer is not None:
+                for s in p.stop:
+                    cut = req.text.find(s)
+                    if cut >= 0:
+                        req.text = req.text[:cut]
+                        return "stop"
         if len(req.tokens) >= p.max_tokens or req.length >= self.max_seq_len:
+            self._update_text(req)
             return "length"
         return None
 
@@ -288,6 +292,8 @@ class Engine:
                 self._rows[row] = moved
             self._rows.pop()
         req.finish_reason = reason
+        if reason in ("abort", "error"):
+            self._update_text(req)  # the text so far (stop/length finishes have just decoded it)
         req.result = GenerationResult(req.request_id, req.prompt, list(req.tokens), list(req.logprobs),
                                       list(req.raw_logprobs), req.text if self.tokenizer is not None else None,
                                       reason, self.weight_version)
