@@ -137,6 +137,8 @@ def hf_config_from_model(m: ModelConfig, base: dict | None, dtype: str) -> dict:
     if m.arch == "deepseek_v3":
         out.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
                    qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+                   # HF DeepseekV3 sizes its rotary embedding from head_dim: the rope part of each head
+                   head_dim=m.qk_pos_emb_head_dim,
                    num_key_value_heads=m.num_attention_heads, n_routed_experts=m.num_experts,
                    moe_intermediate_size=m.moe_ffn_hidden_size,
                    n_shared_experts=(m.moe_shared_expert_intermediate_size or 0) // m.moe_ffn_hidden_size,
