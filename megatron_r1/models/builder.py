@@ -184,9 +184,7 @@ def build_layer_spec(tconfig, use_te: Optional[bool] = None):
     if use_te is None:
         use_te = cpu_compat.te_available() and torch.cuda.is_available()
     block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=use_te, normalization="RMSNorm")
-    mtp = None
-    if tconfig.mtp_num_layers:
-        mtp = get_gpt_mtp_block_spec(tconfig, block.layer_specs[-1], use_transformer_engine=use_te)
+    table = {}
     if not use_te:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -194,11 +192,16 @@ def build_layer_spec(tconfig, use_te: Optional[bool] = None):
         from megatron_r1.models.local_layers import RMSNorm, SDPACoreAttention
 
         table = {DotProductAttention: SDPACoreAttention, WrappedTorchNorm: RMSNorm}
+        # Specs returned by Megatron are shared module-level objects: copy before editing.
+        block = copy.deepcopy(block)
         if tconfig.multi_latent_attention:
             _use_duplicated_mla_down_projections(block)
-        # Specs returned by Megatron are shared module-level objects: copy before editing.
-        block = _replace_in_spec(copy.deepcopy(block), table)
-        if mtp is not None:
+        block = _replace_in_spec(block, table)
+    mtp = None
+    if tconfig.mtp_num_layers:
+        # Built from the edited last layer, so the MTP layer gets the same local modules.
+        mtp = get_gpt_mtp_block_spec(tconfig, block.layer_specs[-1], use_transformer_engine=use_te)
+        if table:
             mtp = _replace_in_spec(copy.deepcopy(mtp), table)
     return block, mtp
 

@@ -189,7 +189,6 @@ CUDA_LITERAL_MODULES = (
     "megatron.core.tensor_parallel.layers",  # (18) sequence-parallel linear backward all-gathers into current_device()
     "megatron.core.tensor_parallel.utils",  # (18) 1-D split/gather helpers allocate on current_device()
     "megatron.core.tensor_parallel.mappings",  # (18) sequence-parallel reduce-scatter output on the current device
-    "megatron.core.tensor_parallel.mappings",  # (18) sequence-parallel gathers allocate on the current device
     "megatron.core.utils",  # (15) the fallback multi-tensor L2 norm puts its result on device="cuda"
     # (16) dist_checkpointing's writer synchronises the GPU and builds its failure flag on the current device
     "megatron.core.dist_checkpointing.strategies.filesystem_async",

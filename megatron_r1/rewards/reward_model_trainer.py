@@ -41,7 +41,7 @@ def _forward_step(data_iterator, model):
 
     def loss_func(output):
         loss, acc = bradley_terry_loss(output)
-        return loss, {"loss": loss.detach(), "pairwise_accuracy": acc.detach()}
+        return loss, {"loss": loss.detach().clone(), "pairwise_accuracy": acc.detach()}
 
     return scores, loss_func
 

@@ -119,7 +119,7 @@ def make_policy_loss_step(rl_cfg, temperature: float, token_scale: Optional[floa
                 loss = loss * (mb.response_mask.sum() / token_scale)
             mask = mb.response_mask
             ent_mean = (ent.detach() * mask).sum() / mask.sum().clamp_min(1.0)
-            metrics = {"loss": loss.detach(), "entropy": ent_mean}
+            metrics = {"loss": loss.detach().clone(), "entropy": ent_mean}
             for k, v in m.items():
                 metrics[k] = float(v)
             return loss, metrics

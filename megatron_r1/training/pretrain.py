@@ -29,7 +29,8 @@ def lm_forward_step(data_iterator, model, device=None):
     def loss_func(output_tensor):
         mask = batch.loss_mask
         loss = (output_tensor.float() * mask).sum() / mask.sum().clamp_min(1.0)
-        return loss, {"loss": loss.detach(), "tokens": mask.sum().detach()}
+        # A copy for logging: Megatron's schedule divides the returned loss by the micro-batch count in place.
+        return loss, {"loss": loss.detach().clone(), "tokens": mask.sum().detach()}
 
     return output, loss_func
 
