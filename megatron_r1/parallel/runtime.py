@@ -72,13 +72,16 @@ def init_parallel(p: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        world = int(os.environ["WORLD_SIZE"])
-        validate_world_size(p, world)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+            # A plain single process: a loopback rendezvous of its own, without touching os.environ (child
+            # processes, e.g. tests' subprocesses, must not inherit a stale RANK / MASTER_PORT).
+            validate_world_size(p, 1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            validate_world_size(p, int(os.environ.get("WORLD_SIZE", "1")))
+            dist.init_process_group(backend, timeout=timeout)
     world = dist.get_world_size()
     validate_world_size(p, world)
     cpu_compat.install()

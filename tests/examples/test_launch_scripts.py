@@ -47,7 +47,8 @@ def _env(script: Path, tmp_path: Path) -> dict:
     """A CPU machine's environment: no srun, sbatch or scontrol on PATH; SLURM variables as sbatch would set them."""
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "NNODES", "CONFIG", "WORLD_SIZE")}
+    launcher_vars = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "CONFIG", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     env.update(PATH=f"{bindir}:/usr/bin:/bin", PYTHON=sys.executable, CKPT_ROOT=str(tmp_path / "ckpt"))
     if script.suffix == ".sbatch":
         nodes = re.search(r"^#SBATCH --nodes=(\d+)", script.read_text(), re.M).group(1)
