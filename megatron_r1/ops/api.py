@@ -57,10 +57,7 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None
     from . import cuda_ext
 
     cfg = PolicyLossConfig(clip_low, clip_high, kl_coef, kl_estimator, loss_agg, ratio_level, tis_cap)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
-    if tis_cap is not None and behavior_logprobs is None:
-        raise ValueError("tis_cap needs behavior_logprobs")
+    cfg.check_inputs(ref_logprobs, behavior_logprobs)
     mask = mask.bool()
     b, l = mask.shape
     adv = advantages.float()[:, None].expand(b, l)

@@ -289,10 +289,7 @@ def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, re
                               chunk_tokens=chunk_tokens).view(b, l)
         return grpo_policy_loss(logp, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, kl_coef,
                                 kl_estimator, loss_agg, ratio_level, behavior_logprobs, tis_cap)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
-    if tis_cap is not None and behavior_logprobs is None:
-        raise ValueError("tis_cap needs behavior_logprobs")
+    cfg.check_inputs(ref_logprobs, behavior_logprobs)
     mask = mask.bool()
     old = old_logprobs.float().reshape(-1)
     adv = advantages.float()[:, None].expand(b, l).reshape(-1)

@@ -37,6 +37,13 @@ class PolicyLossConfig:
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"tis_cap must be positive, got {self.tis_cap}")
 
+    def check_inputs(self, ref_logprobs, behavior_logprobs) -> None:
+        """The optional tensors these knobs need are present."""
+        if self.kl_coef != 0.0 and ref_logprobs is None:
+            raise ValueError("kl_coef != 0 needs ref_logprobs")
+        if self.tis_cap is not None and behavior_logprobs is None:
+            raise ValueError("tis_cap needs behavior_logprobs")
+
 
 def kl_penalty(logprobs, ref_logprobs, estimator: str):
     """Per-token KL(π || π_ref) estimate from log-probs of the sampled tokens."""

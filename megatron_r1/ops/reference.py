@@ -58,10 +58,7 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None
                      behavior_logprobs=None, tis_cap=None):
     """Clipped policy loss over [B, L] answers; returns (loss, metrics)."""
     cfg = PolicyLossConfig(clip_low, clip_high, kl_coef, kl_estimator, loss_agg, ratio_level, tis_cap)
-    if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError("kl_coef != 0 needs ref_logprobs")
-    if tis_cap is not None and behavior_logprobs is None:
-        raise ValueError("tis_cap needs behavior_logprobs")
+    cfg.check_inputs(ref_logprobs, behavior_logprobs)
     mask = mask.bool()
     zero = torch.zeros((), device=logprobs.device)
     lp = logprobs.float()
