@@ -66,7 +66,8 @@ def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str =
         gradient_accumulation_fusion=False,
         variable_seq_lengths=True,  # RL batches have varying lengths across steps
         calculate_per_token_loss=False,
-        moe_token_dispatcher_type=m.moe_token_dispatcher_type,  # mcore's default (allgather) rejects variable_seq_lengths even for dense models
+        # set for dense models too: mcore's default (allgather) rejects variable_seq_lengths
+        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
     )
     if m.num_experts:
         freq = [0] * m.first_k_dense_replace + [1] * (m.num_layers - m.first_k_dense_replace)
@@ -86,7 +87,6 @@ def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str =
             moe_router_load_balancing_type="seq_aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_router_dtype="fp32",
-            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
         )
