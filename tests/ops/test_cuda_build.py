@@ -25,24 +25,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ext(tmp_path_factory):
-    """The extension built once per session into a fresh directory, so the compile really runs."""
-    saved = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST", "CPATH")}
-    os.environ["CUDA_HOME"] = str(CUDA_HOME)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    # cusparse.h / cublas_v2.h come from torch's NVIDIA wheels, next to the torch package (see CUDA_BUILD.md)
-    site = Path(torch.__file__).resolve().parents[1]
-    cuda_major = torch.version.cuda.split(".")[0]
-    include = site / "nvidia" / f"cu{cuda_major}" / "include"
-    os.environ["CPATH"] = os.pathsep.join(p for p in (str(include), saved["CPATH"]) if p)
+    """The extension built once per session into a fresh directory, so the compile really runs — with the build
+    environment `cuda_ext.build_env()` sets up by itself (CUDA_HOME, arch list, torch's CUDA headers), as a user's
+    first call would."""
     try:
         cuda_ext._module = None
         yield cuda_ext.load(build_dir=tmp_path_factory.mktemp("ext"))
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         if not torch.cuda.is_available():
             cuda_ext._module = None  # the built module is useless here; keep dispatch's view honest
 
