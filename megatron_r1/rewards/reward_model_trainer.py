@@ -17,6 +17,7 @@ from megatron_r1.logging import get_logger
 from megatron_r1.parallel import init_parallel
 from megatron_r1.rewards.preference_data import load_preferences
 from megatron_r1.rewards.reward_model import bradley_terry_loss, build_reward_model, encode_pairs
+from megatron_r1.training.lm_data import EpochOrder
 from megatron_r1.training.loop import run_loop
 from megatron_r1.training.pretrain import check_vocab, num_microbatches
 from megatron_r1.training.setup import TrainState, attach_schedule_hooks, build_optimizer, build_scheduler
@@ -110,13 +111,10 @@ def run_reward_model(cfg: Config) -> dict:
     pairs_per_step = t.global_batch_size // 2
     seq = cfg.model.seq_length
 
+    order = EpochOrder(len(train), t.seed * 31)
+
     def order_from(start: int, count: int) -> list[int]:
-        out = []
-        for idx in range(start, start + count):
-            epoch, pos = divmod(idx, len(train))
-            g = torch.Generator().manual_seed(t.seed * 31 + epoch)
-            out.append(int(torch.randperm(len(train), generator=g)[pos]))
-        return out
+        return [order(i) for i in range(start, start + count)]
 
     last: dict = {}
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -23,9 +22,10 @@ from megatron_r1.parallel import init_parallel
 from megatron_r1.rl.batch import RolloutBatch, collate
 from megatron_r1.rl.policy_forward import compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches
 from megatron_r1.rl.rollout import informative_groups, reflection_rate, sample_group_rollouts, score_rollouts
+from megatron_r1.training.lm_data import EpochOrder
 from megatron_r1.training.loop import resume_or_init, run_loop
 from megatron_r1.training.pretrain import check_vocab
-from megatron_r1.training.setup import build_train_state, unwrap
+from megatron_r1.training.setup import build_train_state
 from megatron_r1.training.step import train_step
 
 log = get_logger()
@@ -46,21 +46,15 @@ class Timer:
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
-@dataclass
 class PromptSampler:
     """Deterministic prompt order (a seeded permutation per epoch); the position alone resumes it exactly."""
 
-    samples: list
-    seed: int
+    def __init__(self, samples: list, seed: int):
+        self.samples = samples
+        self.order = EpochOrder(len(samples), seed * 7919)
 
     def take(self, start: int, count: int) -> list:
-        n = len(self.samples)
-        out = []
-        for idx in range(start, start + count):
-            epoch, pos = divmod(idx, n)
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            out.append(self.samples[int(torch.randperm(n, generator=g)[pos])])
-        return out
+        return [self.samples[self.order(i)] for i in range(start, start + count)]
 
 
 def capture_init_rng():

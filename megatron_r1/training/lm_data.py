@@ -75,6 +75,23 @@ def pack_documents(docs: Sequence[list[int]], seq_length: int, pad_id: int, eos_
     return torch.tensor(windows, dtype=torch.long)
 
 
+class EpochOrder:
+    """Position i of an endless stream over n items: a fresh seeded permutation per epoch, the current one cached.
+
+    The position alone says where a resumed run continues (data order is restored exactly)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = None, None
+
+    def __call__(self, index: int) -> int:
+        epoch, pos = divmod(index, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return int(self._perm[pos])
+
+
 class PackedLMDataset:
     """Windows of tokens served as micro-batches for one data-parallel rank, in a seeded order per epoch."""
 
@@ -87,21 +104,14 @@ class PackedLMDataset:
         self.pad_id = pad_id
         self.seed = seed
         self.target_mask = target_mask
+        self._order = EpochOrder(len(windows), seed * 1000003)
 
     def __len__(self) -> int:
         return self.windows.shape[0]
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        cached = getattr(self, "_order_cache", None)
-        if cached is None or cached[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._order_cache = cached = (epoch, torch.randperm(len(self), generator=g))
-        return cached[1]
-
     def row(self, index: int) -> int:
         """Which window is the `index`-th of the global stream (epochs chained)."""
-        epoch, pos = divmod(index, len(self))
-        return int(self._order(epoch)[pos])
+        return self._order(index)
 
     def micro_batches(self, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int,
                       dp_size: int) -> Iterator[LMBatch]:
