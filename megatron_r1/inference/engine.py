@@ -75,6 +75,10 @@ class Request:
     first_token_time: Optional[float] = None
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[GenerationResult] = None
+    # set by the engine at submission, read every step without going back to `params`
+    stop_ids: frozenset = frozenset()  # stop_token_ids, and the tokenizer's EOS unless ignore_eos
+    max_new: int = 0  # tokens it may generate: max_tokens, or fewer where the context ends first
+    per_token_text: bool = False  # stop strings or streaming: its text is decoded and checked every token
 
     @property
     def length(self) -> int:
@@ -114,7 +118,9 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._rows: list[Request] = []  # running requests; index = cache row
         self.device = self.model.embedding.word_embeddings.weight.device
-        self._last = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)  # next decode's input
+        # per cache row: the next decode's input token and its position (= the request's length - 1)
+        self._last = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self._lock = threading.Lock()  # guards _waiting and request submission / abort
         self._step_lock = threading.Lock()  # one scheduler step (or refit) at a time
         self._wake = threading.Condition(self._lock)
@@ -134,8 +140,10 @@ class Engine:
             elif self.fn.tp_size > 1:
                 self._sync_group = self.fn.tp_group
                 self._sync_src = ps.get_tensor_model_parallel_src_rank()
-        self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0, "refits": 0,
-                      "last_refit_seconds": 0.0, "failed_steps": 0}
+        # prompt_tokens: tokens admitted to prefill; prefill_tokens_shared: those of them not computed because an
+        # identical sequence was prefilled in the same step (its cache rows copied instead: GRPO's G samples)
+        self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0,
+                      "prefill_tokens_shared": 0, "refits": 0, "last_refit_seconds": 0.0, "failed_steps": 0}
 
     # ------------------------------------------------------------------------------------------ submission
     @property
@@ -165,6 +173,10 @@ class Engine:
             raise UserError(f"prompt token ids must be in [0, {vocab})")
         gen = torch.Generator().manual_seed(int(params.seed)) if params.seed is not None else None
         req = Request(request_id or f"req-{next(self._ids)}", prompt, params, gen, on_update)
+        req.stop_ids = frozenset(params.stop_token_ids) | (
+            {self.eos_id} if self.eos_id is not None and not params.ignore_eos else set())
+        req.max_new = min(params.max_tokens, self.max_seq_len - len(prompt))
+        req.per_token_text = bool(params.stop) or on_update is not None
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting)")
@@ -200,36 +212,62 @@ class Engine:
 
     def _admit_and_prefill(self, finished):
         batch: list[Request] = []
+        seen: dict[tuple, int] = {}  # sequence -> index of its first request in `batch`
+        src: list[Optional[int]] = []  # per admitted request: None (prefilled) or the request it copies
         with self._lock:
             budget = self.max_prefill_tokens
             while self._waiting and len(self._rows) + len(batch) < self.max_batch_size:
                 req = self._waiting[0]
-                if batch and req.length > budget:
-                    break
-                budget -= req.length
+                # resumed requests (after a refit) re-prefill what they generated so far
+                key = tuple(req.prompt + req.tokens)
+                first = seen.get(key)
+                if first is None:  # a copy of an admitted sequence costs no prefill
+                    if batch and req.length > budget:
+                        break
+                    budget -= req.length
+                    seen[key] = len(batch)
+                src.append(first)
                 batch.append(self._waiting.popleft())
         if not batch:
             return
+        # rows: the distinct sequences first (prefilled together), then the copies (cache rows copied)
+        uniq = [r for r, s in zip(batch, src) if s is None]
+        copies = [(r, s) for r, s in zip(batch, src) if s is not None]
         row0 = len(self._rows)
-        T = max(r.length for r in batch)
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids = r.prompt + r.tokens  # resumed requests (after a refit) re-prefill what they generated so far
+        T = max(r.length for r in uniq)
+        tokens = torch.zeros(len(uniq), T, dtype=torch.long)
+        for i, r in enumerate(uniq):
+            ids = r.prompt + r.tokens
             tokens[i, :len(ids)] = torch.tensor(ids)
-        lengths = torch.tensor([r.length for r in batch])
+        lengths = torch.tensor([r.length for r in uniq])
         logits = self.fn.prefill(tokens.to(self.device), lengths.to(self.device), self.cache, row0=row0)
+        if copies:
+            u_row = {id(r): i for i, r in enumerate(uniq)}
+            from_u = torch.tensor([u_row[id(batch[s])] for _, s in copies], device=self.device)
+            dst = torch.arange(row0 + len(uniq), row0 + len(batch), device=self.device)
+            self.cache.copy_rows(from_u + row0, dst, T)
+            logits = torch.cat([logits, logits[from_u]])
+            lengths = torch.cat([lengths, lengths[from_u.cpu()]])
+            self.stats["prefill_tokens_shared"] += sum(r.length for r, _ in copies)
+        batch = uniq + [r for r, _ in copies]
         self._rows.extend(batch)
-        self.stats["prompt_tokens"] += int(lengths.sum())
-        self._sample_and_advance(logits, list(range(row0, row0 + len(batch))), finished)
+        self.stats["prompt_tokens"] += sum(r.length for r in batch)
+        self._pos[row0:row0 + len(batch)] = lengths.to(self.device)  # the sampled token's position
+        now = time.monotonic()
+        for r in batch:
+            if r.first_token_time is None:
+                r.first_token_time = now
+        self._sample_and_advance(logits, row0, row0 + len(batch), finished)
 
     def _decode(self, finished):
         n = len(self._rows)
-        pos = torch.tensor([r.length - 1 for r in self._rows], device=self.device)
-        logits = self.fn.decode(self._last[:n], pos, self.cache)
-        self._sample_and_advance(logits, list(range(n)), finished)
+        logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
+        self._pos[:n] += 1
+        self._sample_and_advance(logits, 0, n, finished)
 
-    def _sample_and_advance(self, logits, rows: list[int], finished):
-        reqs = [self._rows[i] for i in rows]
+    def _sample_and_advance(self, logits, r0: int, r1: int, finished):
+        """Sample a token for rows r0..r1-1, append it to their requests, finish those that stop."""
+        reqs = self._rows[r0:r1]
         if self.vocab_size is not None:
             logits = logits[:, :self.vocab_size]  # padding rows of the embedding are not tokens
         tokens, lp, raw = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self._default_gen)
@@ -237,42 +275,48 @@ class Engine:
             packed = torch.stack([tokens.double(), lp.double(), raw.double()])
             dist.broadcast(packed, src=self._sync_src, group=self._sync_group)
             tokens, lp, raw = packed[0].long(), packed[1], packed[2]
-        self._last[rows[0]:rows[-1] + 1] = tokens
-        now = time.monotonic()
+        self._last[r0:r1] = tokens
+        # one device sync per step, not one per value; the loop below is the only per-request work of a step
+        toks, lps = tokens.tolist(), lp.tolist()
+        raws = lps if raw is lp else raw.tolist()
         done_rows = []
-        lp, raw = lp.tolist(), raw.tolist()  # one device sync per step, not one per value
-        for j, (req, t) in enumerate(zip(reqs, tokens.tolist())):
+        for j, req in enumerate(reqs):
+            t = toks[j]
             req.tokens.append(t)
-            req.logprobs.append(lp[j])
-            req.raw_logprobs.append(raw[j])
-            if req.first_token_time is None:
-                req.first_token_time = now
-            reason = self._stop_reason(req, t)
-            if reason is not None:
-                done_rows.append((rows[j], reason))
-            elif req.on_update is not None:
-                req.on_update(req)
-        self.stats["generated_tokens"] += len(reqs)
-        for row, reason in sorted(done_rows, reverse=True):  # highest row first keeps lower rows valid
+            req.logprobs.append(lps[j])
+            req.raw_logprobs.append(raws[j])
+            if req.per_token_text:
+                reason = self._stop_reason(req, t)
+                if reason is not None:
+                    done_rows.append((r0 + j, reason))
+                elif req.on_update is not None:
+                    req.on_update(req)
+            elif t in req.stop_ids:
+                self._update_text(req, drop_last=t == self.eos_id)
+                done_rows.append((r0 + j, "stop"))
+            elif len(req.tokens) >= req.max_new:
+                self._update_text(req)
+                done_rows.append((r0 + j, "length"))
+        self.stats["generated_tokens"] += r1 - r0
+        for row, reason in reversed(done_rows):  # highest row first keeps lower rows valid
             self._finish(self._rows[row], reason, finished, row)
 
     def _stop_reason(self, req: Request, token: int) -> Optional[str]:
-        p = req.params
-        if token in p.stop_token_ids or (token == self.eos_id and not p.ignore_eos):
+        """Why a request whose text is read every token (stop strings, streaming) stops after `token`, or None.
+        Text is decoded every token only for these; others decode once, when they end (per-token decoding was
+        ~4% of a GRPO step)."""
+        if token in req.stop_ids:
             self._update_text(req, drop_last=token == self.eos_id)
             return "stop"
-        # Text is decoded every token only when something reads it every token (stop strings, streaming);
-        # otherwise once, when the request ends (per-token decoding was ~4% of a GRPO step).
-        if p.stop or req.on_update is not None:
-            self._update_text(req)
-            if p.stop and self.tokenizer is not None:
-                for s in p.stop:
-                    cut = req.text.find(s)
-                    if cut >= 0:
-                        req.text = req.text[:cut]
-                        return "stop"
-        if len(req.tokens) >= p.max_tokens or req.length >= self.max_seq_len:
-            self._update_text(req)
+        self._update_text(req)
+        p = req.params
+        if p.stop and self.tokenizer is not None:
+            for s in p.stop:
+                cut = req.text.find(s)
+                if cut >= 0:
+                    req.text = req.text[:cut]
+                    return "stop"
+        if len(req.tokens) >= req.max_new:
             return "length"
         return None
 
@@ -289,6 +333,7 @@ class Engine:
                 moved = self._rows[last]
                 self.cache.move_row(last, row, moved.length)
                 self._last[row] = self._last[last]
+                self._pos[row] = self._pos[last]
                 self._rows[row] = moved
             self._rows.pop()
         req.finish_reason = reason

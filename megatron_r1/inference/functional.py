@@ -17,7 +17,17 @@ Caches (one slot row per running request, rows 0..n-1 kept contiguous by the sch
 - MLA: the normalised compressed latent c_kv and the roped shared key k_pe, [slots, seq, kv_lora_rank + rope]
   — DeepSeek-V3's memory saving. Decode absorbs W_UK into the query and W_UV into the output, so the cache is
   never expanded (`mla_absorb=False` up-projects the cached latent instead; both are tested).
-- Dense (Llama/Qwen2): K and V, [slots, kv_heads, seq, head_dim].
+- Dense (Llama/Qwen2): K and V side by side, [slots, kv_heads, seq, 2 * head_dim] (`k` / `v` are views), so a
+  decode step writes a token's K and V with one `index_copy_` straight from the QKV projection's output.
+Each cache also keeps an additive attention bias per slot row (0 up to the row's length, -inf beyond), updated
+with one scatter per decode step instead of rebuilding a mask.
+
+Why the decode step is written the way it is: at small shapes (and on CPU) a step costs what its ops dispatch,
+not what its matmuls compute, so it runs the fewest torch calls that keep Megatron's arithmetic: parameters
+looked up once per layer (`refresh()`), RoPE as one multiply-add on q and k together (the softmax scale folded
+into the query's tables), K/V written in place, residual adds fused into the output projections (TP = 1).
+Prefill runs the last layer's attention output and MLP only at each row's last prompt token, the only one
+whose logits are needed (every layer's K/V are still cached for the whole prompt).
 """
 from __future__ import annotations
 
@@ -71,38 +81,93 @@ class CacheSpec:
 
 
 class KVCache:
-    """Preallocated per-layer cache pool: `max_batch` slot rows of `max_seq` positions."""
+    """Preallocated per-layer cache pool: `max_batch` slot rows of `max_seq` positions, plus each row's bias."""
 
     def __init__(self, num_layers: int, spec: CacheSpec, max_batch: int, max_seq: int, dtype, device):
         self.spec, self.max_batch, self.max_seq = spec, max_batch, max_seq
+        rows = torch.arange(max_batch, device=device)
         if spec.mla:
             self.latent = [torch.zeros(max_batch, max_seq, spec.width, dtype=dtype, device=device)
                            for _ in range(num_layers)]
-            self.k = self.v = None
+            self.kv = self.k = self.v = None
+            self.slot_base = rows * max_seq  # flat index of (row, 0) in a latent viewed as [rows * seq, width]
         else:
-            shape = (max_batch, spec.kv_heads, max_seq, spec.width)
-            self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-            self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            shape = (max_batch, spec.kv_heads, max_seq, 2 * spec.width)
+            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.k = [t[..., :spec.width] for t in self.kv]
+            self.v = [t[..., spec.width:] for t in self.kv]
             self.latent = None
+            heads = torch.arange(spec.kv_heads, device=device)
+            self.slot_base = (rows[:, None] * spec.kv_heads + heads[None, :]) * max_seq  # (row, head, 0), flat
+        # additive attention bias: 0 at a row's cached positions, -inf beyond (shared by every layer)
+        self.bias = torch.full((max_batch, max_seq), float("-inf"), dtype=dtype, device=device)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return self.latent if self.spec.mla else self.kv
 
     def nbytes(self) -> int:
-        tensors = self.latent if self.spec.mla else self.k + self.v
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of cached K/V (or latents); the small per-row bias is not counted."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def bytes_per_token(self) -> int:
         return self.nbytes() // (self.max_batch * self.max_seq)
 
+    def set_lengths(self, row0: int, lengths: torch.Tensor) -> None:
+        """Rows row0.. now hold `lengths` cached positions each (after a prefill)."""
+        visible = torch.arange(self.max_seq, device=lengths.device)[None, :] < lengths[:, None]
+        self.bias[row0:row0 + lengths.shape[0]].zero_().masked_fill_(~visible, float("-inf"))
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy slot row `src` into `dst` (the scheduler keeps running requests in rows 0..n-1)."""
-        if self.spec.mla:
-            for t in self.latent:
+        for t in self._tensors():
+            if self.spec.mla:
                 t[dst, :length] = t[src, :length]
-        else:
-            for t in self.k + self.v:
+            else:
                 t[dst, :, :length] = t[src, :, :length]
+        self.bias[dst] = self.bias[src]
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Slot rows `dst` get the first `length` positions (and the bias) of rows `src`: a prompt prefilled once
+        serves several requests (GRPO's G samples of one prompt)."""
+        for t in self._tensors():
+            if self.spec.mla:
+                t[dst, :length] = t[src, :length]
+            else:
+                t[dst, :, :length] = t[src, :, :length]
+        self.bias[dst] = self.bias[src]
 
 
 # ----------------------------------------------------------------------------------------------- model
+class _Layer:
+    """One decoder layer's modules and parameters, looked up once: nn.Module attribute lookups cost more than
+    the ops at decode shapes. Parameters are held, not copied, so in-place updates (an optimizer step, DDP's
+    re-pointed `.data`) are seen; `FunctionalGPT.refresh()` rebuilds these after modules are replaced."""
+
+    def __init__(self, layer, dtype):
+        attn, mlp = layer.self_attention, layer.mlp
+        self.attn = attn
+        self.in_norm = _norm_fn(layer.input_layernorm, dtype)
+        self.mlp_norm = _norm_fn(layer.pre_mlp_layernorm, dtype)
+        self.proj_w = attn.linear_proj.weight
+        self.moe = mlp if hasattr(mlp, "router") else None
+        self.fc1_w = self.fc2_w = None
+        if self.moe is None:
+            self.fc1_w, self.fc2_w = mlp.linear_fc1.weight, mlp.linear_fc2.weight
+        if hasattr(attn, "linear_qkv"):  # dense
+            self.qkv_w, self.qkv_b = attn.linear_qkv.weight, attn.linear_qkv.bias
+        else:  # MLA
+            self.q_norm = _norm_fn(attn.q_layernorm, dtype) if hasattr(attn, "q_layernorm") else None
+            self.kv_norm = _norm_fn(attn.kv_layernorm, dtype)
+
+
+def _norm_fn(mod, dtype):
+    """x -> mod(x); torch's fused rms_norm where it equals our RMSNorm module (fp32), else the module itself."""
+    if type(mod) is RMSNorm and dtype == torch.float32 and mod.weight.dtype == torch.float32:
+        w, shape, eps = mod.weight, tuple(mod.weight.shape), mod.eps
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    return mod
+
+
 class FunctionalGPT:
     """KV-cached forward over a GPTModel's parameters; see the module docstring."""
 
@@ -115,9 +180,7 @@ class FunctionalGPT:
         if ps.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
             raise ConfigError("inference: pipeline parallelism is not supported for generation; "
                               "run the engine with pipeline_model_parallel_size=1 (TP and EP are supported)")
-        if getattr(model, "mtp_process", False) or getattr(cfg, "mtp_num_layers", None):
-            # MTP heads only add a training loss; generation uses the main head (speculative MTP is not done).
-            pass
+        # MTP heads (cfg.mtp_num_layers) only add a training loss; generation uses the main head.
         self.tp_group = ps.get_tensor_model_parallel_group() if ps.is_initialized() else None
         self.tp_size = _group_size(self.tp_group)
         self.tp_rank = dist.get_rank(self.tp_group) if self.tp_size > 1 else 0
@@ -125,22 +188,21 @@ class FunctionalGPT:
                              if ps.is_initialized() and cfg.num_moe_experts else None)
         self.mla = bool(getattr(cfg, "multi_latent_attention", False))
         self.mla_absorb = mla_absorb
-        self.layers = list(model.decoder.layers)
         self.max_seq = int(max_seq or model.max_sequence_length)
         self.vocab_size = model.vocab_size  # padded; logits cover the padded vocab like the trainer's log-probs
-        self.num_layers = len(self.layers)
-        attn0 = self.layers[0].self_attention
+        self.num_layers = len(model.decoder.layers)
+        self.dtype = model.embedding.word_embeddings.weight.dtype
+        attn0 = model.decoder.layers[0].self_attention
+        self.heads = attn0.num_attention_heads_per_partition
         if self.mla:
-            self.heads = attn0.num_attention_heads_per_partition
             self.dn, self.dr, self.dv = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
             self.c = cfg.kv_lora_rank
             self.softmax_scale = attn0.softmax_scale
             freqs, mscale = attn0.rotary_pos_emb(self.max_seq)
             freqs = freqs.reshape(self.max_seq, -1).float()
-            self.cos, self.sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
+            cos, sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
             self.cache_spec = CacheSpec(True, self.c + self.dr, 1)
         else:
-            self.heads = attn0.num_attention_heads_per_partition
             self.kv_heads = attn0.num_query_groups_per_partition
             self.hd = attn0.hidden_size_per_attention_head
             if cfg.num_query_groups is not None and cfg.num_query_groups < self.tp_size:
@@ -148,18 +210,39 @@ class FunctionalGPT:
             self.softmax_scale = 1.0 / math.sqrt(self.hd)
             freqs = model.rotary_pos_emb(self.max_seq)
             freqs = freqs.reshape(self.max_seq, -1).float()
-            self.cos, self.sin = torch.cos(freqs), torch.sin(freqs)
+            cos, sin = torch.cos(freqs), torch.sin(freqs)
             self.cache_spec = CacheSpec(False, self.hd, self.kv_heads)
-        self.dtype = model.embedding.word_embeddings.weight.dtype
-        self.cos, self.sin = self.cos.to(self.dtype), self.sin.to(self.dtype)
+            # decode tables for q and k heads of a group at once ([.., g + 1, hd]): the query's rows carry the
+            # softmax scale, the key's row does not
+            g = self.heads // self.kv_heads
+            self._qk_scale = torch.tensor([self.softmax_scale] * g + [1.0], dtype=torch.float32)[:, None]
+        # RoPE rotates halves: x * cos + cat(-x2, x1) * sin == x * cos + cat(x2, x1) * cat(-sin1, sin2), one
+        # multiply-add on the swapped halves; the sign lives in the table
+        half = cos.shape[-1] // 2
+        self.cos = cos.to(self.dtype)
+        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(self.dtype)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Look the layers' modules and parameters up again (after modules or Parameter objects were replaced)."""
+        m = self.model
+        self.layers = [_Layer(layer, self.dtype) for layer in m.decoder.layers]
+        self.final_norm = _norm_fn(m.decoder.final_layernorm, self.dtype)
+        self.embed_w = m.embedding.word_embeddings.weight
+        self.out_w = (m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights
+                      else m.output_layer.weight)
+        device = self.embed_w.device
+        self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        if not self.mla:
+            self._qk_scale = self._qk_scale.to(device=device, dtype=self.dtype)
 
     # ---------------------------------------------------------------------------------- pieces
     def new_cache(self, max_batch: int, device=None) -> KVCache:
-        device = device or self.model.embedding.word_embeddings.weight.device
+        device = device or self.embed_w.device
         return KVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device)
 
     def _embed(self, tokens):
-        w = self.model.embedding.word_embeddings.weight
+        w = self.embed_w
         if self.tp_size == 1:
             return F.embedding(tokens, w)
         start = self.tp_rank * w.shape[0]
@@ -169,33 +252,34 @@ class FunctionalGPT:
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
         return _all_reduce(x, self.tp_group)
 
-    def _norm(self, mod, x):
-        # torch's fused rms_norm equals our RMSNorm module in fp32; other dtypes/modules run the module itself
-        if type(mod) is RMSNorm and x.dtype == torch.float32 and mod.weight.dtype == torch.float32:
-            return F.rms_norm(x, mod.weight.shape, mod.weight, mod.eps)
-        return mod(x)
-
     def _logits(self, h):
-        m = self.model
-        w = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else m.output_layer.weight
-        return _all_gather_last(F.linear(h, w), self.tp_group)
+        return _all_gather_last(F.linear(h, self.out_w), self.tp_group)
+
+    def _residual_linear(self, x, y, w):
+        """x + all_reduce(y @ w.T): one addmm when there is nothing to reduce (the add rides on the matmul)."""
+        if self.tp_size == 1 and x.dim() == 2:
+            return torch.addmm(x, y, w.t())
+        return x + _all_reduce(F.linear(y, w), self.tp_group)
 
     def _tables(self, pos):
-        """cos/sin rows [B, T, 1, d] for positions pos [B, T]: gathered once per forward, shared by all layers."""
+        """cos/sin rows [..., 1, d] for positions pos [...]: gathered once per forward, shared by all layers."""
         return self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)
 
     def _rope(self, x, rope, deinterleave: bool):
-        """Megatron's non-fused RoPE on x [B, T, heads, d] with the step's tables `rope` = (cos, sin)."""
+        """Megatron's non-fused RoPE on x [..., heads, d] with the step's tables `rope` = (cos, signed sin)."""
         if deinterleave:  # MLA: rope dims arrive interleaved (x0, x1, x2, ...) and are regrouped first
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         cos, sin = rope
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        half = x.shape[-1] // 2
+        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
 
-    def _mlp(self, mlp, x):
-        h = F.linear(x, mlp.linear_fc1.weight)
-        g, u = h.chunk(2, dim=-1)
-        return _all_reduce(F.linear(F.silu(g) * u, mlp.linear_fc2.weight), self.tp_group)
+    def _mlp(self, x, fc1_w, fc2_w, residual=None):
+        """SwiGLU MLP (fc1 = [gate; up]); with `residual`, returns residual + MLP(x)."""
+        g, u = F.linear(x, fc1_w).chunk(2, dim=-1)
+        h = F.silu(g).mul_(u)
+        if residual is None:
+            return _all_reduce(F.linear(h, fc2_w), self.tp_group)
+        return self._residual_linear(residual, h, fc2_w)
 
     def _moe(self, moe, x):
         shape = x.shape
@@ -226,45 +310,59 @@ class FunctionalGPT:
         if cfg.moe_router_topk_scaling_factor:
             probs = probs * cfg.moe_router_topk_scaling_factor
         probs = probs.to(x.dtype)
+        # Tokens grouped by expert with one sort and one host sync for all experts (not a nonzero() per expert).
+        # A token meets its experts in ascending expert order, as before, so the sums round the same.
+        flat = top_idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=n_exp).tolist()
+        starts = [0] * (n_exp + 1)
+        for e in range(n_exp):
+            starts[e + 1] = starts[e] + counts[e]
+        prob_sorted = probs.reshape(-1)[order]
         out = torch.zeros_like(x)
         for local_i, expert in enumerate(moe.experts.local_experts):
             e = moe.local_expert_indices[local_i]
-            hit = top_idx == e
-            rows = hit.any(-1).nonzero().squeeze(-1)
-            if rows.numel() == 0:
+            a, b = starts[e], starts[e + 1]
+            if a == b:
                 continue
-            p = (probs * hit).sum(-1)[rows]
-            h = F.linear(x[rows], expert.linear_fc1.weight)
-            g, u = h.chunk(2, dim=-1)
+            rows = token_of[a:b]
+            g, u = F.linear(x[rows], expert.linear_fc1.weight).chunk(2, dim=-1)
             # Megatron scales the activation by the routing prob before fc2 (same rounding order)
-            y = F.linear(F.silu(g) * u * p.unsqueeze(-1), expert.linear_fc2.weight)
+            y = F.linear(F.silu(g) * u * prob_sorted[a:b].unsqueeze(-1), expert.linear_fc2.weight)
             out.index_add_(0, rows, y)
         out = _all_reduce(out, self.expert_group)
         if moe.shared_experts is not None:
-            out = out + self._mlp(moe.shared_experts, x)
+            sh = moe.shared_experts
+            out = out + self._mlp(x, sh.linear_fc1.weight, sh.linear_fc2.weight)
         return out.reshape(shape)
 
-    def _ffn(self, layer, x):
-        mlp = layer.mlp
-        return self._moe(mlp, x) if hasattr(mlp, "router") else self._mlp(mlp, x)
+    def _ffn(self, lyr: _Layer, x):
+        """x + FFN(norm(x))."""
+        h = lyr.mlp_norm(x)
+        if lyr.moe is not None:
+            return x + self._moe(lyr.moe, h)
+        return self._mlp(h, lyr.fc1_w, lyr.fc2_w, residual=x)
 
     # ---------------------------------------------------------------------------------- attention
-    def _mla_project(self, attn, x, rope):
-        """q [B,T,H,dn+dr] (roped) and the cache entry cat(c_kv, k_pe) [B,T,c+dr] for hidden x [B,T,h]."""
-        cfg = self.cfg
+    def _mla_q(self, lyr: _Layer, x, rope):
+        """Roped queries q [..., H, dn+dr] for hidden x [..., h]."""
+        cfg, attn = self.cfg, lyr.attn
         if cfg.q_lora_rank is not None:
             qc = _linear_gather(x, attn.linear_q_down_proj.weight, cfg.q_lora_rank, self.tp_group)
-            q = F.linear(attn.q_layernorm(qc), attn.linear_q_up_proj.weight)
+            q = F.linear(lyr.q_norm(qc), attn.linear_q_up_proj.weight)
         else:
             q = F.linear(x, attn.linear_q_proj.weight)
         q = q.view(*q.shape[:-1], self.heads, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        q = torch.cat([q_nope, self._rope(q_pe, rope, True)], dim=-1)
-        kv = _linear_gather(x, attn.linear_kv_down_proj.weight, self.c + self.dr, self.tp_group)
+        return torch.cat([q_nope, self._rope(q_pe, rope, True)], dim=-1)
+
+    def _mla_latent(self, lyr: _Layer, x, rope):
+        """The cache entries cat(c_kv, roped k_pe) [..., c+dr] for hidden x [..., h]."""
+        kv = _linear_gather(x, lyr.attn.linear_kv_down_proj.weight, self.c + self.dr, self.tp_group)
         c, k_pe = kv.split([self.c, self.dr], dim=-1)
-        c = attn.kv_layernorm(c)
         k_pe = self._rope(k_pe.unsqueeze(-2), rope, True).squeeze(-2)
-        return q, torch.cat([c, k_pe], dim=-1)
+        return torch.cat([lyr.kv_norm(c), k_pe], dim=-1)
 
     def _mla_expand(self, attn, latent):
         """Expanded K [B,L,H,dn+dr] and V [B,L,H,dv] from cache entries [B,L,c+dr] (Megatron's layout)."""
@@ -283,69 +381,82 @@ class FunctionalGPT:
                                            enable_gqa=k.shape[1] != q.shape[1])
         return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
 
-    def _attention_full(self, i, attn, x, rope, mask, cache, row0):
-        """Attention over the tokens of x only (prefill); writes their cache entries at rows row0.."""
+    def _dense_qkv(self, lyr: _Layer, x, rope):
+        """Megatron's grouped QKV layout -> roped q [B, T, kv_heads, g, hd], k and v [B, kv_heads, T, hd]."""
         B, T, _ = x.shape
+        g = self.heads // self.kv_heads
+        qkv = F.linear(x, lyr.qkv_w, lyr.qkv_b).view(B, T, self.kv_heads, g + 2, self.hd)
+        rope = (rope[0].unsqueeze(-2), rope[1].unsqueeze(-2))  # [B, T, 1, 1, hd]
+        qk = self._rope(qkv[:, :, :, :g + 1], rope, False)  # q and k heads take the same rotation: one pass
+        return qk[:, :, :, :g], qk[:, :, :, g].transpose(1, 2), qkv[:, :, :, g + 1].transpose(1, 2)
+
+    def _attention_full(self, i, lyr: _Layer, x, rope, mask, cache, row0, last=None):
+        """Attention over the tokens of x (prefill); writes their cache entries at rows row0... With `last`
+        ([B] indices of each row's last token), only those tokens' outputs are computed: [B, h] not [B, T, h]."""
+        B, T, _ = x.shape
+        attn = lyr.attn
+        rows = torch.arange(B, device=x.device)
         if self.mla:
-            q, lat = self._mla_project(attn, x, rope)
+            lat = self._mla_latent(lyr, x, rope)
             if cache is not None:
                 cache.latent[i][row0:row0 + B, :T] = lat
+            if last is not None:  # queries of the last tokens only (q_down/q_up skipped for the others)
+                x, rope = x[rows, last].unsqueeze(1), tuple(t[rows, last].unsqueeze(1) for t in rope)
+                mask = mask[rows, :, last].unsqueeze(2)
+            q = self._mla_q(lyr, x, rope)
             k, v = self._mla_expand(attn, lat)
             o = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         else:
-            q, k, v = self._dense_qkv(attn, x, rope)  # q [B, kv_heads, g*T, d] (grouped), k/v [B, kv_heads, T, d]
+            q, k, v = self._dense_qkv(lyr, x, rope)  # q [B, T, kv_heads, g, hd]
             if cache is not None:
                 cache.k[i][row0:row0 + B, :, :T] = k
                 cache.v[i][row0:row0 + B, :, :T] = v
-            o = self._attend(q.reshape(B, self.heads, T, self.hd), k, v, mask)
-        return _all_reduce(F.linear(o, attn.linear_proj.weight), self.tp_group)
+            if last is not None:
+                q, mask = q[rows, last].unsqueeze(1), mask[rows, :, last].unsqueeze(2)
+            Tq = q.shape[1]
+            # q heads of group j are j*g .. j*g+g-1: group them so K/V heads need no repeat
+            q = q.permute(0, 2, 3, 1, 4).reshape(B, self.heads, Tq, self.hd)
+            o = self._attend(q, k, v, mask)
+        if last is not None:
+            o = o[:, 0]
+        return _all_reduce(F.linear(o, lyr.proj_w), self.tp_group)
 
-    def _dense_qkv(self, attn, x, rope):
-        """Megatron's grouped QKV layout -> q [B, kv_heads, g, T, hd] flattened as [B, kv_heads, g*T, hd]."""
-        B, T, _ = x.shape
-        g = self.heads // self.kv_heads
-        qkv = F.linear(x, attn.linear_qkv.weight, attn.linear_qkv.bias)
-        qkv = qkv.view(B, T, self.kv_heads, (g + 2) * self.hd)
-        qk, v = qkv.split([(g + 1) * self.hd, self.hd], dim=-1)
-        # q and k heads take the same rotation: rope them in one pass
-        qk = self._rope(qk.reshape(B, T, self.kv_heads * (g + 1), self.hd), rope, False)
-        qk = qk.view(B, T, self.kv_heads, (g + 1) * self.hd)
-        q, k = qk.split([g * self.hd, self.hd], dim=-1)
-        # q heads of group j are j*g .. j*g+g-1: group them so K/V heads need no repeat
-        q = q.view(B, T, self.kv_heads, g, self.hd).permute(0, 2, 3, 1, 4).reshape(B, self.kv_heads, g * T, self.hd)
-        return q, k.transpose(1, 2), v.transpose(1, 2)
-
-    def _attention_decode(self, i, attn, x, rope, bias, slots, cache, L):
-        """One new token per row (rows 0..B-1 of the cache), attending to cache positions < L (bias masks each row).
-        x [B, 1, h]; `slots`: flat indices of the new entries in the cache viewed as rows of one entry; the softmax
-        scale is folded into the query (one multiply on the smallest tensor)."""
+    def _attention_decode(self, i, lyr: _Layer, x, rope, bias, slots, cache, L):
+        """One new token per row (rows 0..B-1 of the cache), attending to cache positions < L (bias masks each
+        row). x [B, h]; `slots`: flat indices of the new entries in the cache viewed as rows of one entry.
+        Returns the attention block's output before the residual add, [B, heads * dv]."""
         B = x.shape[0]
         if self.mla:
-            q, lat = self._mla_project(attn, x, rope)  # q [B,1,H,dn+dr], lat [B,1,c+dr]
-            cache.latent[i].view(-1, lat.shape[-1]).index_copy_(0, slots, lat[:, 0])
+            attn = lyr.attn
+            q = self._mla_q(lyr, x, rope)  # [B, H, dn+dr]
+            lat = self._mla_latent(lyr, x, rope)  # [B, c+dr]
+            cache.latent[i].view(-1, lat.shape[-1]).index_copy_(0, slots, lat)
             lat_all = cache.latent[i][:B, :L]  # [B, L, c+dr]
             if self.mla_absorb:
                 w = attn.linear_kv_up_proj.weight.view(self.heads, self.dn + self.dv, self.c)
                 w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [H, dn, c], [H, dv, c]
-                q_nope, q_pe = q[:, 0].split([self.dn, self.dr], dim=-1)  # [B, H, *]
+                q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # [B, H, *]
                 q_lat = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
                 qa = torch.cat([q_lat, q_pe], dim=-1) * self.softmax_scale  # scores against raw cache entries
                 s = torch.baddbmm(bias.unsqueeze(1), qa, lat_all.transpose(1, 2))  # [B, H, L]
                 o_lat = torch.bmm(torch.softmax(s, dim=-1), lat_all[..., :self.c])  # [B, H, c]
-                o = torch.einsum("bhc,hvc->bhv", o_lat, w_uv).reshape(B, 1, self.heads * self.dv)
-            else:
-                k, v = self._mla_expand(attn, lat_all)
-                mask = (bias == 0).view(B, 1, 1, L)
-                o = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        else:
-            q, k, v = self._dense_qkv(attn, x, rope)  # q [B, kv_heads, g, hd], k/v [B, kv_heads, 1, hd]
-            cache.k[i].view(-1, self.hd).index_copy_(0, slots, k.reshape(-1, self.hd))
-            cache.v[i].view(-1, self.hd).index_copy_(0, slots, v.reshape(-1, self.hd))
-            s = torch.matmul(q * self.softmax_scale, cache.k[i][:B, :, :L].transpose(-1, -2))
-            p = torch.softmax(s + bias.view(B, 1, 1, L), dim=-1)
-            # [B, kv_heads, g, hd]: head j*g + h of group j is already in Megatron's head order
-            o = torch.matmul(p, cache.v[i][:B, :, :L]).reshape(B, 1, self.heads * self.hd)
-        return _all_reduce(F.linear(o, attn.linear_proj.weight), self.tp_group)
+                return torch.einsum("bhc,hvc->bhv", o_lat, w_uv).reshape(B, self.heads * self.dv)
+            k, v = self._mla_expand(attn, lat_all)
+            mask = (bias == 0).view(B, 1, 1, L)
+            return self._attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask).view(B, -1)
+        hd, kvh = self.hd, self.kv_heads
+        g = self.heads // kvh
+        qkv = F.linear(x, lyr.qkv_w, lyr.qkv_b).view(B, kvh, g + 2, hd)
+        qk = qkv[:, :, :g + 1]
+        cos, sin = rope  # [B, 1, g + 1, hd], the query rows pre-scaled by the softmax scale
+        torch.addcmul(qk * cos, torch.cat((qk[..., hd // 2:], qk[..., :hd // 2]), dim=-1), sin, out=qk)
+        kv = cache.kv[i]  # [slots, kv_heads, seq, 2 * hd]: the new (roped) K and V, in place, one copy
+        kv.view(-1, 2 * hd).index_copy_(0, slots, qkv.view(B * kvh, (g + 2) * hd)[:, g * hd:])
+        kv = kv[:B, :, :L]
+        s = torch.matmul(qkv[:, :, :g], kv[..., :hd].transpose(-1, -2))  # [B, kv_heads, g, L]
+        p = torch.softmax(s.add_(bias.view(B, 1, 1, L)), dim=-1)
+        # [B, kv_heads, g, hd]: head j*g + h of group j is already in Megatron's head order
+        return torch.matmul(p, kv[..., hd:]).view(B, self.heads * hd)
 
     # ---------------------------------------------------------------------------------- entry points
     @torch.inference_mode()
@@ -366,34 +477,40 @@ class FunctionalGPT:
         mask[:, :, :, 0] = True
         x = self._embed(tokens)
         rope = self._tables(pos)
-        for i, layer in enumerate(self.layers):
-            x = x + self._attention_full(i, layer.self_attention, self._norm(layer.input_layernorm, x), rope, mask,
-                                         cache, row0)
-            x = x + self._ffn(layer, self._norm(layer.pre_mlp_layernorm, x))
-        if not all_logits:
-            x = x[torch.arange(B, device=x.device), lengths - 1]
-        return self._logits(self._norm(self.model.decoder.final_layernorm, x))
+        if cache is not None:
+            cache.set_lengths(row0, lengths)
+        n = len(self.layers)
+        for i, lyr in enumerate(self.layers):
+            h = lyr.in_norm(x)
+            if i == n - 1 and not all_logits:  # only the last tokens' logits are needed: see module docstring
+                last = lengths - 1
+                x = x[torch.arange(B, device=x.device), last]
+                x = x + self._attention_full(i, lyr, h, rope, mask, cache, row0, last=last)
+            else:
+                x = x + self._attention_full(i, lyr, h, rope, mask, cache, row0)
+            x = self._ffn(lyr, x)
+        return self._logits(self.final_norm(x))
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+               max_len: Optional[int] = None) -> torch.Tensor:
+        """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V].
+
+        `max_len`: max(pos) + 1 when the caller knows it (saves a device sync)."""
         B = tokens.shape[0]
-        L = int(pos.max()) + 1
+        L = int(pos.max()) + 1 if max_len is None else max_len
         x = self._embed(tokens)  # [B, h]
-        rope = self._tables(pos.unsqueeze(1))
-        # additive mask over cache positions, shared by all layers: 0 where visible, -inf past each row's length
-        dev = x.device
-        bias = torch.zeros(B, L, dtype=x.dtype, device=dev).masked_fill_(
-            torch.arange(L, device=dev)[None, :] > pos[:, None], float("-inf"))
+        cache.bias[:B].scatter_(1, pos.unsqueeze(1), 0.0)  # the new token is visible from now on
+        bias = cache.bias[:B, :L]
         # where each row's new K/V (or latent) goes, as flat row indices into the cache: once per step
         if self.mla:
-            slots = torch.arange(B, device=dev) * cache.max_seq + pos
+            slots = cache.slot_base[:B] + pos
+            rope = self._tables(pos)  # [B, 1, d]
         else:
-            heads = torch.arange(self.kv_heads, device=dev)
-            slots = ((torch.arange(B, device=dev)[:, None] * self.kv_heads + heads[None, :]) * cache.max_seq + pos[:, None])
-            slots = slots.reshape(-1)
-        for i, layer in enumerate(self.layers):
-            h = self._norm(layer.input_layernorm, x).unsqueeze(1)
-            x = x + self._attention_decode(i, layer.self_attention, h, rope, bias, slots, cache, L)[:, 0]
-            x = x + self._ffn(layer, self._norm(layer.pre_mlp_layernorm, x))
-        return self._logits(self._norm(self.model.decoder.final_layernorm, x))
+            slots = (cache.slot_base[:B] + pos[:, None]).view(-1)
+            cos, sin = self.cos[pos], self.sin[pos]  # [B, hd] -> [B, 1, g + 1, hd]
+            rope = (cos[:, None, None, :] * self._qk_scale, sin[:, None, None, :] * self._qk_scale)
+        for i, lyr in enumerate(self.layers):
+            o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L)
+            x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w))
+        return self._logits(self.final_norm(x))

@@ -60,17 +60,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """
     logits = logits.float()
     B, V = logits.shape
-    temp_list = [p.temperature if p.temperature > 0 else 1.0 for p in params]
+    greedy_list = [p.greedy for p in params]
     raw_lp = torch.log_softmax(logits, dim=-1)
+    if all(greedy_list):  # the common evaluation case: no temperature, no masks, no noise; lp = raw_lp
+        tokens = logits.argmax(-1)
+        lp = raw_lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        return tokens, lp, lp
+    temp_list = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     if any(t != 1.0 for t in temp_list):
         lp = torch.log_softmax(logits / torch.tensor(temp_list, device=logits.device)[:, None], dim=-1)
     else:
         lp = raw_lp
-    greedy_list = [p.greedy for p in params]
-    if all(greedy_list):  # the common evaluation case: no masks, no noise
-        tokens = logits.argmax(-1)
-        ar = torch.arange(B, device=logits.device)
-        return tokens, lp[ar, tokens], raw_lp[ar, tokens]
     greedy = torch.tensor(greedy_list, device=logits.device)
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     if any(greedy_list):

@@ -226,3 +226,30 @@ def test_background_thread_serves_generate(models):
         assert all(len(r.token_ids) == 4 for r in res)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("preset", ["deepseek_v3_tiny", "llama_tiny"])
+def test_shared_prompt_prefilled_once(models, preset):
+    """GRPO asks for G samples of one prompt: it is prefilled once and its cache rows (MLA latents or dense K/V)
+    copied to the other G - 1; tokens equal the unshared path's (same seeds), prefill work is counted as saved."""
+    model = models[preset]
+    prompts = _prompts(2, seed=13)
+    G = 3
+    group_prompts = [p for p in prompts for _ in range(G)]
+    params = [SamplingParams(temperature=1.0, max_tokens=8, seed=100 + i) for i in range(len(group_prompts))]
+    shared = Engine(model, max_batch_size=8, max_seq_len=64)
+    got = shared.generate(group_prompts, params)
+    # the unshared reference: each request alone (nothing to share), same seeds
+    alone = Engine(model, max_batch_size=8, max_seq_len=64)
+    ref = [alone.generate([p], [sp])[0] for p, sp in zip(group_prompts, params)]
+    assert alone.stats["prefill_tokens_shared"] == 0
+    for r, e in zip(got, ref):
+        assert r.token_ids == e.token_ids
+        assert max(abs(a - b) for a, b in zip(r.logprobs, e.logprobs)) < 1e-5
+    assert len({tuple(r.token_ids) for r in got}) > 2  # the seeds differ, so do the samples
+    assert shared.stats["prefill_tokens_shared"] == (G - 1) * sum(len(p) for p in prompts)
+    assert shared.stats["prompt_tokens"] == alone.stats["prompt_tokens"] == G * sum(len(p) for p in prompts)
+    # greedy copies of one prompt equal the step-by-step full-sequence argmax (the copied cache is right)
+    greedy = shared.generate([prompts[0]] * G, SamplingParams(temperature=0, max_tokens=6))
+    for r in greedy:
+        _assert_greedy(model, prompts[0], r.token_ids)
