@@ -226,6 +226,7 @@ class RLConfig:
     overlong_penalty: float = 0.0  # subtracted from answers that hit max_response_length
     tis_cap: Optional[float] = None  # truncated importance sampling cap (behaviour vs trainer)
     reference_offload: bool = False  # keep the frozen reference model's weights on the CPU
+    shared_prefix: bool = False  # forward each group as one row [prompt, answer_1..G]: the prompt once, not G times
     reflection_words: list = field(
         default_factory=lambda: ["wait", "re-check", "recheck", "let me verify", "verify", "double-check", "hmm"]
     )
@@ -500,6 +501,14 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _check((r.prompts_per_step * r.group_size) % r.mini_batch_size == 0,
            f"rl.mini_batch_size: {r.mini_batch_size} does not divide prompts_per_step × group_size "
            f"({r.prompts_per_step * r.group_size})")
+    if r.shared_prefix:
+        for name, v in (("rl.mini_batch_size", r.mini_batch_size), ("training.micro_batch_size", t.micro_batch_size)):
+            _check(v % r.group_size == 0,
+                   f"{name}: {v} is not a multiple of rl.group_size ({r.group_size}); rl.shared_prefix packs each "
+                   f"group into one row, so batches must hold whole groups")
+        _check(not (t.recompute_activations and m.multi_latent_attention),
+               "rl.shared_prefix: not supported with training.recompute_activations for MLA models (MLA computes "
+               "its rotary embedding inside the recomputed layers, outside the position-id bridge)")
     _check(cfg.data.template in ("r1_zero", "r1_chat", "plain"), f"data.template: unknown template {cfg.data.template!r}")
     if world_size is not None:
         validate_world_size(cfg.parallel, world_size)

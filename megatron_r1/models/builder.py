@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_r1.config import ModelConfig, ParallelConfig, padded_vocab_size  # noqa: F401 (re-exported)
+from megatron_r1.models.positions import install_position_bridge
 from megatron_r1.parallel import cpu_compat
-
 
 
 def resolve_dtype(precision: str) -> torch.dtype:
@@ -175,6 +175,11 @@ def _init_duplicated_linears(model, std: float) -> None:
                     module.bias.zero_()
 
 
+def uses_transformer_engine() -> bool:
+    """Whether `build_layer_spec` picks Transformer Engine's modules (TE installed and a GPU present)."""
+    return cpu_compat.te_available() and torch.cuda.is_available()
+
+
 def build_layer_spec(tconfig, use_te: Optional[bool] = None):
     """Decoder block spec (and MTP block spec) for this config; local modules where TE is absent."""
     import copy
@@ -182,7 +187,7 @@ def build_layer_spec(tconfig, use_te: Optional[bool] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
     if use_te is None:
-        use_te = cpu_compat.te_available() and torch.cuda.is_available()
+        use_te = uses_transformer_engine()
     block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=use_te, normalization="RMSNorm")
     table = {}
     if not use_te:
@@ -238,6 +243,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, precision: str = "auto", pre_
     )
     _mark_expert_params_for_expert_dp(model, tconfig)
     _init_duplicated_linears(model, m.init_method_std)
+    install_position_bridge(model)  # rotary embeddings at given position ids, inside `rotary_positions` only
     if torch.cuda.is_available():
         model = model.cuda()
     return model

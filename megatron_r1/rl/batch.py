@@ -1,6 +1,7 @@
 """The typed seams of the RL loop: a batch of rollouts, and its padded tensor form for the trainer."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -53,57 +54,154 @@ class RolloutBatch:
 
 @dataclass
 class PolicyBatch:
-    """Padded tensors for the trainer. Sequences are prompt + response, right-padded; response-aligned tensors
-    [N, R] index the response tokens only (R = longest response), so losses see answers, never prompts."""
+    """Padded tensors for the trainer. Each row is one answer's prompt + response, right-padded; or, in shared-prefix
+    rows (`collate_shared_prefix`), one group: its prompt once, then its answers. Response-aligned tensors [N, R]
+    index the response tokens only (R = longest response, one row per answer either way), so losses see answers,
+    never prompts. Lengths and slices count answers."""
 
-    tokens: torch.Tensor  # [N, S] model input (sequence without its last token)
-    labels: torch.Tensor  # [N, S] next tokens
-    position_ids: torch.Tensor  # [N, S]
-    response_index: torch.Tensor  # [N, R] column in `labels` of each response token
+    tokens: torch.Tensor  # [rows, S] model input (sequence without its last token)
+    labels: Optional[torch.Tensor]  # [rows, S] next tokens; None in shared-prefix rows (see response_labels)
+    position_ids: torch.Tensor  # [rows, S]
+    response_index: torch.Tensor  # [N, R] column of the hidden state that predicts each response token
     response_mask: torch.Tensor  # [N, R] 1.0 for real response tokens
     advantages: torch.Tensor  # [N]
     behavior_logprobs: torch.Tensor  # [N, R]
     old_logprobs: Optional[torch.Tensor] = None  # [N, R] filled by the trainer's recompute
     ref_logprobs: Optional[torch.Tensor] = None  # [N, R] from the frozen reference model
+    attention_mask: Optional[torch.Tensor] = None  # [rows, 1, S, S] bool, True = masked; None = causal
+    response_labels: Optional[torch.Tensor] = None  # [N, R] the response tokens (targets), shared-prefix rows
+    answers_per_row: int = 1  # G in shared-prefix rows: answer i lives in row i // answers_per_row
+
+    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask")
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
+        return self.response_index.shape[0]
+
+    def rows(self, answers: int) -> int:
+        """How many rows hold `answers` answers (the schedule's micro-batch size)."""
+        return -(-answers // self.answers_per_row)
 
     def slice(self, start: int, end: int) -> "PolicyBatch":
-        s = lambda t: None if t is None else t[start:end]  # noqa: E731
-        return PolicyBatch(s(self.tokens), s(self.labels), s(self.position_ids), s(self.response_index),
-                           s(self.response_mask), s(self.advantages), s(self.behavior_logprobs),
-                           s(self.old_logprobs), s(self.ref_logprobs))
+        """Answers start..end-1; in shared-prefix rows both ends must fall on group boundaries."""
+        k = self.answers_per_row
+        end = min(end, len(self))
+        if start % k or end % k:
+            raise ValueError(f"PolicyBatch.slice({start}, {end}): shared-prefix rows hold {k} answers each; slices "
+                             f"must cover whole groups")
+        out = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if isinstance(t, torch.Tensor):
+                out[f.name] = t[start // k: end // k] if f.name in self.ROW_FIELDS else t[start:end]
+        return dataclasses.replace(self, **out)
 
     def to(self, device) -> "PolicyBatch":
-        m = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return PolicyBatch(m(self.tokens), m(self.labels), m(self.position_ids), m(self.response_index),
-                           m(self.response_mask), m(self.advantages), m(self.behavior_logprobs),
-                           m(self.old_logprobs), m(self.ref_logprobs))
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def collate(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = None) -> PolicyBatch:
-    """Pad prompt+response sequences; build the response index/mask used to gather per-token log-probs."""
+def _response_tensors(rollouts: RolloutBatch, max_response: Optional[int]):
+    """The response-aligned [N, R] tensors both layouts share: mask, behaviour log-probs, targets."""
     n = len(rollouts)
-    seqs = [list(p) + list(r) for p, r in zip(rollouts.prompt_tokens, rollouts.response_tokens)]
-    s_len = max(len(x) for x in seqs)
     r_len = max(1, max(len(r) for r in rollouts.response_tokens))
     if max_response is not None:
         r_len = max(r_len, max_response)
-    full = torch.full((n, s_len), pad_id, dtype=torch.long)
-    index = torch.zeros((n, r_len), dtype=torch.long)
     mask = torch.zeros((n, r_len), dtype=torch.float32)
     behav = torch.zeros((n, r_len), dtype=torch.float32)
-    for i, (p, r, lp) in enumerate(zip(rollouts.prompt_tokens, rollouts.response_tokens,
-                                       rollouts.behavior_logprobs)):
-        full[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+    targets = torch.zeros((n, r_len), dtype=torch.long)
+    for i, (r, lp) in enumerate(zip(rollouts.response_tokens, rollouts.behavior_logprobs)):
         k = len(r)
-        # Label column j holds token j+1: response token t (at sequence index len(p)+t) is label column len(p)+t-1.
-        index[i, :k] = torch.arange(len(p) - 1, len(p) - 1 + k)
         mask[i, :k] = 1.0
+        targets[i, :k] = torch.tensor(list(r), dtype=torch.long)
         if lp:
             behav[i, :k] = torch.tensor(lp[:k], dtype=torch.float32)
+    adv = rollouts.advantages if rollouts.advantages is not None else torch.zeros(n)
+    return mask, behav, targets, adv.float()
+
+
+def _padded_length(longest: int, multiple: int) -> int:
+    return -(-longest // multiple) * multiple
+
+
+def collate(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = None,
+            pad_multiple: int = 1) -> PolicyBatch:
+    """Pad prompt+response sequences; build the response index/mask used to gather per-token log-probs.
+    `pad_multiple`: the model input's length is padded to a multiple of it (sequence parallelism splits it)."""
+    n = len(rollouts)
+    mask, behav, _, adv = _response_tensors(rollouts, max_response)
+    seqs = [list(p) + list(r) for p, r in zip(rollouts.prompt_tokens, rollouts.response_tokens)]
+    s_len = _padded_length(max(len(x) for x in seqs) - 1, pad_multiple) + 1
+    full = torch.full((n, s_len), pad_id, dtype=torch.long)
+    index = torch.zeros(mask.shape, dtype=torch.long)
+    for i, (p, seq) in enumerate(zip(rollouts.prompt_tokens, seqs)):
+        full[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        k = len(seq) - len(p)
+        # Label column j holds token j+1: response token t (at sequence index len(p)+t) is label column len(p)+t-1.
+        index[i, :k] = torch.arange(len(p) - 1, len(p) - 1 + k)
     tokens, labels = full[:, :-1].contiguous(), full[:, 1:].contiguous()
     pos = torch.arange(s_len - 1).unsqueeze(0).expand(n, -1).contiguous()
-    adv = rollouts.advantages if rollouts.advantages is not None else torch.zeros(n)
-    return PolicyBatch(tokens, labels, pos, index, mask, adv.float(), behav)
+    return PolicyBatch(tokens, labels, pos, index, mask, adv, behav)
+
+
+def shared_prefix_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Attention mask [rows, 1, S, S] (True = masked) for rows [prompt, answer_1, ..., answer_G, pad].
+
+    `segments` [rows, S]: 0 for prompt tokens, j for answer j's tokens, -1 for padding. A token sees earlier tokens
+    of the prompt and of its own segment: the prompt is causal, each answer sees the whole prompt and its own past,
+    never another answer. Padding sees only itself, so no softmax row is empty (no NaN) and nothing real sees it.
+    """
+    s = segments.shape[1]
+    q, k = segments.unsqueeze(2), segments.unsqueeze(1)  # [rows, S, 1], [rows, 1, S]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    allowed = causal & ((k == 0) | (k == q)) & (q >= 0)
+    allowed |= torch.eye(s, dtype=torch.bool)
+    return (~allowed).unsqueeze(1)
+
+
+def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = None,
+                          pad_multiple: int = 1) -> PolicyBatch:
+    """One row per group: [prompt (P tokens), answer_1, ..., answer_G], the prompt computed once instead of G times.
+
+    Answer tokens take positions P, P+1, ... (as if each followed the prompt alone) and see the prompt and their own
+    past only (`shared_prefix_mask`), so every answer's log-probs equal those of `collate`'s row prompt + answer.
+    An answer's last token is only a target, so it is not an input. Every answer's first token is predicted from
+    the same column (P-1), which is why targets are stored per answer token (`response_labels`), not as one labels
+    column. Rows need a model whose rotary embeddings follow `position_ids` (`megatron_r1.models.positions`).
+    `pad_multiple` as in `collate`.
+    """
+    g, n = rollouts.group_size, len(rollouts)
+    if n % g:
+        raise ValueError(f"collate_shared_prefix: {n} answers are not whole groups of {g}")
+    mask, behav, targets, adv = _response_tensors(rollouts, max_response)
+    index = torch.zeros(mask.shape, dtype=torch.long)
+    rows = []  # (tokens, positions, segments) per group
+    for start in range(0, n, g):
+        prompt = list(rollouts.prompt_tokens[start])
+        if not prompt:
+            raise ValueError("collate_shared_prefix: an empty prompt has no position to predict the first token from")
+        if any(list(rollouts.prompt_tokens[i]) != prompt for i in range(start + 1, start + g)):
+            raise ValueError(f"collate_shared_prefix: the answers {start}..{start + g - 1} of one group have "
+                             f"different prompts")
+        p = len(prompt)
+        toks, pos, seg = list(prompt), list(range(p)), [0] * p
+        for j in range(g):
+            r = list(rollouts.response_tokens[start + j])
+            inputs = r[:-1]
+            first = len(toks)
+            # Token 0 is predicted from the prompt's last column; token t >= 1 from the column of token t-1.
+            if r:
+                index[start + j, : len(r)] = torch.tensor([p - 1] + list(range(first, first + len(inputs))))
+            toks += inputs
+            pos += range(p, p + len(inputs))
+            seg += [j + 1] * len(inputs)
+        rows.append((toks, pos, seg))
+    s_len = _padded_length(max(len(t) for t, _, _ in rows), pad_multiple)
+    tokens = torch.full((len(rows), s_len), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), s_len), dtype=torch.long)
+    segments = torch.full((len(rows), s_len), -1, dtype=torch.long)
+    for i, (t, ps, sg) in enumerate(rows):
+        tokens[i, : len(t)] = torch.tensor(t)
+        positions[i, : len(t)] = torch.tensor(ps)
+        segments[i, : len(t)] = torch.tensor(sg)
+    return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=shared_prefix_mask(segments),
+                       response_labels=targets, answers_per_row=g)

@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_r1.models.heads import hidden_states_output, output_weight
+from megatron_r1.models.positions import rotary_positions
 from megatron_r1.rl.batch import PolicyBatch
 from megatron_r1.training.setup import unwrap
 
@@ -26,9 +27,9 @@ def response_logprobs(hidden: torch.Tensor, model, mb: PolicyBatch, temperature:
     from megatron_r1.ops import token_logprobs
 
     b, r = mb.response_index.shape
-    rows = torch.arange(b, device=hidden.device).unsqueeze(1)
+    rows = (torch.arange(b, device=hidden.device) // mb.answers_per_row).unsqueeze(1)  # each answer's row
     h = hidden[rows, mb.response_index]  # [b, R, H]
-    targets = mb.labels[rows, mb.response_index]  # [b, R]
+    targets = mb.response_labels if mb.response_labels is not None else mb.labels[rows, mb.response_index]  # [b, R]
     out = token_logprobs(h.reshape(b * r, -1), output_weight(model), targets.reshape(-1), temperature=temperature,
                          return_entropy=entropy, tp_group=_tp_group())
     if entropy:
@@ -46,8 +47,18 @@ def hidden_mode(model_chunks: list):
 
 
 def micro_batches(batch: PolicyBatch, micro_batch_size: int, device) -> Iterator[PolicyBatch]:
+    """Micro-batches of `micro_batch_size` answers (whole groups in shared-prefix rows)."""
     for start in range(0, len(batch), micro_batch_size):
         yield batch.slice(start, start + micro_batch_size).to(device)
+
+
+def model_forward(model, mb: PolicyBatch) -> torch.Tensor:
+    """The model on one micro-batch: causal rows as they are; shared-prefix rows with their attention mask and
+    rotary embeddings at their position ids (every pipeline stage gets both from the micro-batch)."""
+    if mb.attention_mask is None:
+        return model(mb.tokens, mb.position_ids, None)
+    with rotary_positions(unwrap(model), mb.position_ids):
+        return model(mb.tokens, mb.position_ids, mb.attention_mask)
 
 
 def make_logprob_step(temperature: float):
@@ -55,7 +66,7 @@ def make_logprob_step(temperature: float):
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        hidden = model(mb.tokens, mb.position_ids, None)
+        hidden = model_forward(model, mb)
 
         def loss_func(output):
             with torch.no_grad():
@@ -69,7 +80,8 @@ def make_logprob_step(temperature: float):
 
 def compute_logprobs(model_chunks: list, batch: PolicyBatch, micro_batch_size: int, temperature: float,
                      device) -> Optional[torch.Tensor]:
-    """Response log-probs [N, R] of `batch` under the model (no grad); None on ranks without the last stage."""
+    """Response log-probs [N, R] of `batch` under the model (no grad); None on ranks without the last stage.
+    `micro_batch_size` counts answers."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -83,7 +95,8 @@ def compute_logprobs(model_chunks: list, batch: PolicyBatch, micro_batch_size: i
                 forward_step_func=make_logprob_step(temperature),
                 data_iterator=micro_batches(batch, micro_batch_size, device),
                 model=model_chunks, num_microbatches=n_micro, seq_length=batch.tokens.shape[1],
-                micro_batch_size=micro_batch_size, decoder_seq_length=batch.tokens.shape[1], forward_only=True,
+                micro_batch_size=batch.rows(micro_batch_size), decoder_seq_length=batch.tokens.shape[1],
+                forward_only=True,
             )
     finally:
         for c, t in zip(model_chunks, was_training):
@@ -104,7 +117,7 @@ def make_policy_loss_step(rl_cfg, temperature: float, token_scale: Optional[floa
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        hidden = model(mb.tokens, mb.position_ids, None)
+        hidden = model_forward(model, mb)
 
         def loss_func(output):
             lp, ent = response_logprobs(output, unwrap(model), mb, temperature, entropy=True)

@@ -19,7 +19,7 @@ from megatron_r1.config import Config
 from megatron_r1.errors import ConfigError
 from megatron_r1.logging import get_logger
 from megatron_r1.parallel import init_parallel
-from megatron_r1.rl.batch import RolloutBatch, collate
+from megatron_r1.rl.batch import RolloutBatch, collate, collate_shared_prefix
 from megatron_r1.rl.policy_forward import compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches
 from megatron_r1.rl.rollout import informative_groups, reflection_rate, sample_group_rollouts, score_rollouts
 from megatron_r1.training.lm_data import EpochOrder
@@ -172,6 +172,25 @@ def build_engine(cfg: Config, policy_model, tokenizer):
                   max_seq_len=max_len)
 
 
+def check_shared_prefix(cfg: Config, dp_size: int) -> None:
+    """What `rl.shared_prefix` needs beyond the config file: whole groups per DP rank's mini-batch, and the local
+    attention module (it takes an arbitrary mask; Transformer Engine's spec is not verified to)."""
+    from megatron_r1.models.builder import uses_transformer_engine
+
+    rl = cfg.rl
+    if not rl.shared_prefix:
+        return
+    if uses_transformer_engine():
+        raise ConfigError("rl.shared_prefix: needs the local attention module (arbitrary attention masks); with "
+                          "Transformer Engine installed on a GPU the TE spec is used, whose handling of such masks "
+                          "is not verified; set rl.shared_prefix=false")
+    mini_per_rank = rl.mini_batch_size // dp_size
+    if mini_per_rank % rl.group_size:
+        raise ConfigError(f"rl.mini_batch_size: {rl.mini_batch_size} answers over {dp_size} data-parallel ranks is "
+                          f"{mini_per_rank} per rank, not a multiple of rl.group_size ({rl.group_size}), which "
+                          f"rl.shared_prefix needs (one row per group)")
+
+
 def run_grpo(cfg: Config) -> dict:
     """Run GRPO for `training.train_steps` RL steps (resumable); return the last step's metrics."""
     from megatron_r1.data import load_dataset
@@ -187,6 +206,7 @@ def run_grpo(cfg: Config) -> dict:
     if rl.prompts_per_step % ctx.dp_size:
         raise ConfigError(f"rl.prompts_per_step: {rl.prompts_per_step} is not divisible by the data-parallel size "
                           f"{ctx.dp_size}")
+    check_shared_prefix(cfg, ctx.dp_size)
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     check_vocab(cfg, tokenizer)
     template = get_template(cfg.data.template)
@@ -216,7 +236,9 @@ def run_grpo(cfg: Config) -> dict:
         batch, counters = collect_rollouts(engine, tokenizer, template, sampler, state, cfg, rewards, timer,
                                            ctx.dp_rank, ctx.dp_size)
         metrics = rollout_metrics(batch, cfg)
-        pb = collate(batch, tokenizer.pad_id, max_response=None)
+        # Sequence parallelism splits the sequence over the TP ranks: pad it to a multiple of TP.
+        pb = (collate_shared_prefix if rl.shared_prefix else collate)(batch, tokenizer.pad_id, max_response=None,
+                                                                       pad_multiple=ctx.tp_size)
         with timer("logprobs"):
             if need_old:
                 pb.old_logprobs = compute_logprobs(state.model, pb, mbs, cfg.generation.temperature, ctx.device)
@@ -236,14 +258,18 @@ def run_grpo(cfg: Config) -> dict:
                         token_scale = float(mini.response_mask.sum()) / n_micro
                     with hidden_mode(state.model):
                         result = train_step(state, make_policy_loss_step(rl, cfg.generation.temperature, token_scale),
-                                            micro_batches(mini, mbs, ctx.device), n_micro, mini.tokens.shape[1], mbs)
+                                            micro_batches(mini, mbs, ctx.device), n_micro, mini.tokens.shape[1],
+                                            mini.rows(mbs))
                     skipped += int(result.skipped)
                     step_metrics.append({"grad_norm": result.grad_norm, "lr": result.lr, **result.metrics})
         with timer("refit"):
             engine.refit()
         state.step += 1
         gen_tokens = float(pb.response_mask.sum())
-        train_tokens = float(pb.response_mask.sum() + (pb.tokens != tokenizer.pad_id).sum()) * rl.ppo_epochs
+        # Counted on the answers' own sequences (prompt + response), not the padded or packed rows, so the rate
+        # means the same with and without rl.shared_prefix.
+        inputs = sum(len(p) + len(r) for p, r in zip(batch.prompt_tokens, batch.response_tokens))
+        train_tokens = float(pb.response_mask.sum() + inputs) * rl.ppo_epochs
         for key in step_metrics[0] if step_metrics else []:
             vals = [m[key] for m in step_metrics if key in m and math.isfinite(m[key])]
             if vals:
