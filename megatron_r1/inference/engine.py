@@ -262,7 +262,7 @@ class Engine:
     def _decode(self, finished):
         n = len(self._rows)
         logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
-        self._pos[:n] += 1
+        self._pos.add_(1)  # rows >= n are free: their positions are set when a prefill fills them
         self._sample_and_advance(logits, 0, n, finished)
 
     def _sample_and_advance(self, logits, r0: int, r1: int, finished):

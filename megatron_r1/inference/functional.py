@@ -161,10 +161,19 @@ class _Layer:
 
 
 def _norm_fn(mod, dtype):
-    """x -> mod(x); torch's fused rms_norm where it equals our RMSNorm module (fp32), else the module itself."""
+    """x -> mod(x). Our fp32 RMSNorm as x * rsqrt(|x|^2 / d + eps) * w in three small ops plus two multiplies
+    (torch's rms_norm runs eight on CPU, and norms were the costliest non-matmul op of a decode step); equal to
+    the module up to rounding. Other modules and dtypes run the module itself."""
     if type(mod) is RMSNorm and dtype == torch.float32 and mod.weight.dtype == torch.float32:
-        w, shape, eps = mod.weight, tuple(mod.weight.shape), mod.eps
-        return lambda x: F.rms_norm(x, shape, w, eps)
+        w = mod.weight
+        eps = torch.tensor(mod.eps, dtype=torch.float32, device=w.device)
+        inv_d = 1.0 / w.shape[0]
+        vector_norm, addcmul, rsqrt, mul = torch.linalg.vector_norm, torch.addcmul, torch.rsqrt, torch.mul
+
+        def rms_norm(x):
+            n = vector_norm(x, 2, -1, True)
+            return mul(x, rsqrt(addcmul(eps, n, n, value=inv_d))).mul_(w)
+        return rms_norm
     return mod
 
 
@@ -215,12 +224,15 @@ class FunctionalGPT:
             # decode tables for q and k heads of a group at once ([.., g + 1, hd]): the query's rows carry the
             # softmax scale, the key's row does not
             g = self.heads // self.kv_heads
-            self._qk_scale = torch.tensor([self.softmax_scale] * g + [1.0], dtype=torch.float32)[:, None]
+            qk_scale = torch.tensor([self.softmax_scale] * g + [1.0])[:, None]
         # RoPE rotates halves: x * cos + cat(-x2, x1) * sin == x * cos + cat(x2, x1) * cat(-sin1, sin2), one
         # multiply-add on the swapped halves; the sign lives in the table
         half = cos.shape[-1] // 2
-        self.cos = cos.to(self.dtype)
-        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(self.dtype)
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        if not self.mla:  # per position [seq, g + 1, hd]: one gather per decode step
+            self._qk_cos = (cos[:, None, :] * qk_scale).to(self.dtype)
+            self._qk_sin = (sin[:, None, :] * qk_scale).to(self.dtype)
         self.refresh()
 
     def refresh(self) -> None:
@@ -234,7 +246,7 @@ class FunctionalGPT:
         device = self.embed_w.device
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         if not self.mla:
-            self._qk_scale = self._qk_scale.to(device=device, dtype=self.dtype)
+            self._qk_cos, self._qk_sin = self._qk_cos.to(device), self._qk_sin.to(device)
 
     # ---------------------------------------------------------------------------------- pieces
     def new_cache(self, max_batch: int, device=None) -> KVCache:
@@ -270,8 +282,7 @@ class FunctionalGPT:
         if deinterleave:  # MLA: rope dims arrive interleaved (x0, x1, x2, ...) and are regrouped first
             x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
         cos, sin = rope
-        half = x.shape[-1] // 2
-        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)  # roll: cat(x2, x1) in one op
 
     def _mlp(self, x, fc1_w, fc2_w, residual=None):
         """SwiGLU MLP (fc1 = [gate; up]); with `residual`, returns residual + MLP(x)."""
@@ -449,7 +460,7 @@ class FunctionalGPT:
         qkv = F.linear(x, lyr.qkv_w, lyr.qkv_b).view(B, kvh, g + 2, hd)
         qk = qkv[:, :, :g + 1]
         cos, sin = rope  # [B, 1, g + 1, hd], the query rows pre-scaled by the softmax scale
-        torch.addcmul(qk * cos, torch.cat((qk[..., hd // 2:], qk[..., :hd // 2]), dim=-1), sin, out=qk)
+        torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin, out=qk)
         kv = cache.kv[i]  # [slots, kv_heads, seq, 2 * hd]: the new (roped) K and V, in place, one copy
         kv.view(-1, 2 * hd).index_copy_(0, slots, qkv.view(B * kvh, (g + 2) * hd)[:, g * hd:])
         kv = kv[:B, :, :L]
@@ -508,8 +519,7 @@ class FunctionalGPT:
             rope = self._tables(pos)  # [B, 1, d]
         else:
             slots = (cache.slot_base[:B] + pos[:, None]).view(-1)
-            cos, sin = self.cos[pos], self.sin[pos]  # [B, hd] -> [B, 1, g + 1, hd]
-            rope = (cos[:, None, None, :] * self._qk_scale, sin[:, None, None, :] * self._qk_scale)
+            rope = (self._qk_cos[pos].unsqueeze(1), self._qk_sin[pos].unsqueeze(1))  # [B, 1, g + 1, hd]
         for i, lyr in enumerate(self.layers):
             o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L)
             x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w))
