@@ -1,5 +1,5 @@
 """rl.shared_prefix: a group packed as one row [prompt, answer_1..G] gives the same log-probs, gradients and training
-as one padded row per answer (MLA + MoE and dense GQA rope; TP=2 with sequence parallelism; the trainer)."""
+as one padded row per answer (MLA + MoE and dense GQA rope; TP=2 with sequence parallelism; PP=2; the trainer)."""
 import pytest
 import torch
 
@@ -178,6 +178,33 @@ def test_packed_groups_at_tp2_with_sequence_parallelism(tmp_path):
     outs = run_distributed(_step_both_ways, 2, "deepseek_v3_tiny", 2, f"{tmp_path}/init")
     for out in outs:
         _assert_same(out)
+
+
+def _logprobs_pp2(rank, world, init_dir):
+    """Reference/old log-probs through a 2-stage pipeline: every stage reads the positions and the mask from the
+    micro-batch."""
+    from megatron_r1.checkpoint import load_model_only
+    from megatron_r1.models.builder import build_model
+    from megatron_r1.parallel import init_parallel
+    from megatron_r1.rl.policy_forward import compute_logprobs
+
+    cfg = model_config("deepseek_v3_tiny")
+    cfg.parallel.pipeline_model_parallel_size = 2
+    ctx = init_parallel(cfg.parallel, 3)
+    model = build_model(cfg.model, cfg.parallel, "fp32")
+    load_model_only(model, init_dir)
+    rb = rollouts(vocab=cfg.model.vocab_size)
+    out = [compute_logprobs([model], fn(rb, pad_id=0), 2 * G, 0.9, ctx.device) for fn in (collate,
+                                                                                          collate_shared_prefix)]
+    return None if out[0] is None else [lp * collate(rb, 0).response_mask for lp in out]
+
+
+def test_packed_groups_through_a_pipeline(tmp_path):
+    run_distributed(_save_init, 1, str(tmp_path))
+    first, last = run_distributed(_logprobs_pp2, 2, f"{tmp_path}/init")
+    assert first is None
+    plain, packed = last
+    torch.testing.assert_close(packed, plain, rtol=0, atol=2e-5)
 
 
 # --------------------------------------------------------------------------------------------- the trainer
