@@ -25,8 +25,12 @@ OpenMP workers (try OMP_WAIT_POLICY=PASSIVE).
 TRL is optional (`pip install megatron-r1[bench]`, tested with trl==1.16.0, transformers 5.24.0); without it the
 script runs our side alone and says why TRL was skipped.
 
+Our side packs each group as one row [prompt, answer_1..G] (`rl.shared_prefix`, on by default; the prompt goes
+through the reference and policy forward/backward once per group instead of G times); TRL has no such mode.
+`--no-shared-prefix` runs our side with one padded row per answer, as TRL does.
+
     python tools/bench_grpo_step.py [--prompts 4] [--group 8] [--max-new-tokens 32] [--steps 3] [--threads 2]
-                                    [--clock wall|cpu] [--only ours|trl] [--json]
+                                    [--clock wall|cpu] [--[no-]shared-prefix] [--only ours|trl] [--json]
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def our_config(args, work: Path):
                       "weight_decay": 0.0},
         "rl": {"prompts_per_step": args.prompts, "group_size": args.group, "max_prompt_length": MAX_PROMPT_LENGTH,
                "max_response_length": args.max_new_tokens, "mini_batch_size": bg, "kl_coef": KL,
-               "kl_estimator": "k3", "clip_low": 0.2, "clip_high": 0.2},
+               "kl_estimator": "k3", "clip_low": 0.2, "clip_high": 0.2, "shared_prefix": args.shared_prefix},
         "generation": {"temperature": 1.0, "max_batch_size": bg},
         "rewards": [{"name": n, "weight": w} for n, w in REWARD_WEIGHTS.items()],
         "logging": {"run_dir": str(work / "ours"), "progress": False, "plots": False, "tensorboard": False},
@@ -349,6 +353,8 @@ def format_table(res: dict) -> str:
     lines = [f"GRPO step, deepseek_v3_tiny ({res['params'] / 1e6:.2f}M params, MLA+MoE), B={a['prompts']} "
              f"G={a['group']} L={a['max_new_tokens']}, {a['steps']} timed steps after 1 warm-up, "
              f"{a['threads']} threads, CPU fp32, {a['clock']} clock",
+             "our side: rl.shared_prefix=" + ("on (each prompt forwarded once per group; TRL has no such mode)"
+                                              if a["shared_prefix"] else "off (each prompt forwarded G times, as TRL)"),
              f"{'side':<22}{'step s (mean±std)':>20}{'gen tok/s':>11}{'tok/s':>9}{'gen tok/step':>14}"
              f"{'tok/step':>10}", "-" * 86]
     for name, key in (("megatron-r1", "ours"), (f"TRL {res.get('trl_version', '')}".strip(), "trl")):
@@ -387,6 +393,9 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: each process's CPU time instead of wall time (robust on a shared, oversubscribed "
                          "machine; use with --threads 1)")
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="our side packs each group as one row [prompt, answer_1..G] (rl.shared_prefix; default on; "
+                         "TRL has no such mode and forwards each prompt G times)")
     ap.add_argument("--only", choices=["ours", "trl"], default=None, help="run one side only")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = ap.parse_args(argv)
