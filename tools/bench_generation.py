@@ -1,17 +1,21 @@
 """Generation throughput: our engine vs HF transformers `generate` on the same dense model and weights.
 
 Tokens/s at batch 1, 8, 32 with 64 new tokens (greedy, no early stop), both in this process on the same
-threads; prints the ratio engine / HF per batch size. The model is a Llama-shaped Megatron GPTModel (preset
+threads, fp32 unless --precision says otherwise; prints the ratio engine / HF per batch size (HF time / engine
+time, each the best of --repeats runs, the two alternating) and the load average before and after. The model is a Llama-shaped Megatron GPTModel (preset
 `llama_tiny` by default, or a wider one via --hidden/--layers) copied into an HF LlamaForCausalLM by
 megatron_r1.inference.hf_llama.to_hf. On a GPU it also reports decode's share of the memory-bandwidth roofline.
 
     python tools/bench_generation.py [--preset llama_tiny] [--batches 1 8 32] [--new-tokens 64] [--prompt-len 32]
                                      [--threads 1 --clock cpu]   # on a shared CPU machine
+
+Figures and what bounds them: docs/benchmarks.md, "Generation (CPU)".
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 
 import torch
@@ -54,7 +58,9 @@ def main(argv=None):
     hf = to_hf(model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {args.preset} hidden {m_cfg.hidden_size} layers {m_cfg.num_layers} params {n_params / 1e6:.2f}M "
-          f"dtype {next(model.parameters()).dtype} device {device} threads {torch.get_num_threads()}")
+          f"dtype {next(model.parameters()).dtype} device {device} threads {torch.get_num_threads()} "
+          f"clock {args.clock}")
+    print("load average (1/5/15 min) at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     gen = torch.Generator().manual_seed(0)
     rows = []
     max_b = max(args.batches)
@@ -79,6 +85,7 @@ def main(argv=None):
         rows.append((b, tok / t_ours, tok / t_hf))
         print(f"batch {b:3d}: engine {tok / t_ours:9.1f} tok/s   HF generate {tok / t_hf:9.1f} tok/s   "
               f"ratio {t_hf / t_ours:5.2f}x", flush=True)
+    print("load average (1/5/15 min) at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     if device.type == "cuda":
         _roofline(model, engine, rows, args)
     return rows

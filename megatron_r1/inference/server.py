@@ -116,6 +116,10 @@ class Metrics:
                 "# HELP megatron_r1_generation_tokens_total Tokens generated for served requests.",
                 "# TYPE megatron_r1_generation_tokens_total counter",
                 f"megatron_r1_generation_tokens_total {self.completion_tokens}",
+                "# HELP megatron_r1_prefill_tokens_shared_total Prompt tokens not prefilled: an identical prompt "
+                "(n > 1 choices) was prefilled in the same step and its cache copied.",
+                "# TYPE megatron_r1_prefill_tokens_shared_total counter",
+                f"megatron_r1_prefill_tokens_shared_total {engine.stats['prefill_tokens_shared']}",
                 "# HELP megatron_r1_aborted_requests_total Requests aborted by client disconnects.",
                 "# TYPE megatron_r1_aborted_requests_total counter",
                 f"megatron_r1_aborted_requests_total {self.aborted}",

@@ -217,6 +217,7 @@ def test_metrics_exposition(server):
     base, _ = server
     text = httpx.get(base + "/metrics", timeout=10).text
     for name in ("megatron_r1_requests_total", "megatron_r1_generation_tokens_total", "megatron_r1_queue_depth",
-                 "megatron_r1_request_latency_seconds_bucket", "megatron_r1_request_latency_seconds_count"):
+                 "megatron_r1_request_latency_seconds_bucket", "megatron_r1_request_latency_seconds_count",
+                 "megatron_r1_prefill_tokens_shared_total"):
         assert name in text
     assert "# TYPE megatron_r1_request_latency_seconds histogram" in text
