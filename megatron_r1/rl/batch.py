@@ -167,7 +167,8 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
     An answer's last token is only a target, so it is not an input. Every answer's first token is predicted from
     the same column (P-1), which is why targets are stored per answer token (`response_labels`), not as one labels
     column. Rows need a model whose rotary embeddings follow `position_ids` (`megatron_r1.models.positions`).
-    `pad_multiple` as in `collate`.
+    `pad_multiple` as in `collate`. One thing does change: MoE routers see each prompt token once, so the
+    aux-loss-free balancing (expert bias update) counts prompt tokens once instead of G times.
     """
     g, n = rollouts.group_size, len(rollouts)
     if n % g:
