@@ -447,11 +447,13 @@ class FunctionalGPT:
                 w = attn.linear_kv_up_proj.weight.view(self.heads, self.dn + self.dv, self.c)
                 w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [H, dn, c], [H, dv, c]
                 q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # [B, H, *]
-                q_lat = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)
+                # per-head products as head-batched bmm (what einsum would run, without its parsing per call)
+                q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, c]
                 qa = torch.cat([q_lat, q_pe], dim=-1) * self.softmax_scale  # scores against raw cache entries
                 s = torch.baddbmm(bias.unsqueeze(1), qa, lat_all.transpose(1, 2))  # [B, H, L]
                 o_lat = torch.bmm(torch.softmax(s, dim=-1), lat_all[..., :self.c])  # [B, H, c]
-                return torch.einsum("bhc,hvc->bhv", o_lat, w_uv).reshape(B, self.heads * self.dv)
+                o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, dv]
+                return o.transpose(0, 1).reshape(B, self.heads * self.dv)
             k, v = self._mla_expand(attn, lat_all)
             mask = (bias == 0).view(B, 1, 1, L)
             return self._attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask).view(B, -1)
