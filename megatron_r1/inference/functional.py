@@ -230,9 +230,9 @@ class FunctionalGPT:
         half = cos.shape[-1] // 2
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
-        if not self.mla:  # per position [seq, g + 1, hd]: one gather per decode step
-            self._qk_cos = (cos[:, None, :] * qk_scale).to(self.dtype)
-            self._qk_sin = (sin[:, None, :] * qk_scale).to(self.dtype)
+        if not self.mla:  # per position [seq, 1, g + 1, hd]: one gather per decode step
+            self._qk_cos = (cos[:, None, None, :] * qk_scale).to(self.dtype)
+            self._qk_sin = (sin[:, None, None, :] * qk_scale).to(self.dtype)
         self.refresh()
 
     def refresh(self) -> None:
@@ -268,9 +268,9 @@ class FunctionalGPT:
         return _all_gather_last(F.linear(h, self.out_w), self.tp_group)
 
     def _residual_linear(self, x, y, w):
-        """x + all_reduce(y @ w.T): one addmm when there is nothing to reduce (the add rides on the matmul)."""
-        if self.tp_size == 1 and x.dim() == 2:
-            return torch.addmm(x, y, w.t())
+        """x + all_reduce(y @ w.T); without TP, x is the linear's bias: the add rides on the matmul (addmm)."""
+        if self.tp_size == 1:
+            return F.linear(y, w, x)
         return x + _all_reduce(F.linear(y, w), self.tp_group)
 
     def _tables(self, pos):
@@ -521,7 +521,7 @@ class FunctionalGPT:
             rope = self._tables(pos)  # [B, 1, d]
         else:
             slots = (cache.slot_base[:B] + pos[:, None]).view(-1)
-            rope = (self._qk_cos[pos].unsqueeze(1), self._qk_sin[pos].unsqueeze(1))  # [B, 1, g + 1, hd]
+            rope = (self._qk_cos[pos], self._qk_sin[pos])  # [B, 1, g + 1, hd]
         for i, lyr in enumerate(self.layers):
             o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L)
             x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w))

@@ -58,14 +58,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
     Batched except for the per-request noise draw (one small call per seeded row).
     """
-    logits = logits.float()
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     B, V = logits.shape
     greedy_list = [p.greedy for p in params]
     raw_lp = torch.log_softmax(logits, dim=-1)
     if all(greedy_list):  # the common evaluation case: no temperature, no masks, no noise; lp = raw_lp
-        tokens = logits.argmax(-1)
-        lp = raw_lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens, lp, lp
+        # log_softmax subtracts one value per row and rounding is monotonic, so its row maximum is exactly its
+        # value at the argmax token (a reduction instead of a gather)
+        lp = raw_lp.amax(-1)
+        return logits.argmax(-1), lp, lp
     temp_list = [p.temperature if p.temperature > 0 else 1.0 for p in params]
     if any(t != 1.0 for t in temp_list):
         lp = torch.log_softmax(logits / torch.tensor(temp_list, device=logits.device)[:, None], dim=-1)
