@@ -9,13 +9,19 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_r1.models.prefix_attention import block_attention, calls
+
 
 class SDPACoreAttention(MegatronModule):
     """Causal attention over Megatron's [s, b, heads, dim] layout with `torch.nn.functional.scaled_dot_product_attention`.
 
     Accepts K/V head sizes that differ (MLA) and grouped KV heads (GQA). `attention_mask`, when given, follows
-    Megatron's convention (True = masked) and is used instead of the causal mask (packed samples).
+    Megatron's convention (True = masked) and is used instead of the causal mask (packed samples); when it is the
+    mask of an active `PrefixLayout` (shared-prefix rows), attention runs per block instead
+    (`megatron_r1.models.prefix_attention`).
     """
+
+    prefix_layout = None  # set by `prefix_attention(model, layout)` for the duration of a forward
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None,
@@ -28,6 +34,12 @@ class SDPACoreAttention(MegatronModule):
                 packed_seq_params=None, **unused):
         if packed_seq_params is not None:
             raise ValueError("SDPACoreAttention: packed_seq_params needs Transformer Engine; pass an attention mask")
+        dropout = self.dropout if self.training else 0.0
+        layout = self.prefix_layout
+        if layout is not None and attention_mask is layout.mask:
+            calls["blocks"] += 1
+            return block_attention(query, key, value, layout, self.softmax_scale, dropout)
+        calls["causal" if attention_mask is None else "dense_mask"] += 1
         sq, b, nq, _ = query.shape
         nkv = key.shape[2]
         q = query.permute(1, 2, 0, 3)  # [b, heads, s, d]
@@ -36,7 +48,6 @@ class SDPACoreAttention(MegatronModule):
         if nq != nkv:
             k = k.repeat_interleave(nq // nkv, dim=1)
             v = v.repeat_interleave(nq // nkv, dim=1)
-        dropout = self.dropout if self.training else 0.0
         if attention_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale)
         else:

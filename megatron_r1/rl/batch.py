@@ -71,8 +71,9 @@ class PolicyBatch:
     attention_mask: Optional[torch.Tensor] = None  # [rows, 1, S, S] bool, True = masked; None = causal
     response_labels: Optional[torch.Tensor] = None  # [N, R] the response tokens (targets), shared-prefix rows
     answers_per_row: int = 1  # G in shared-prefix rows: answer i lives in row i // answers_per_row
+    segments: Optional[torch.Tensor] = None  # [rows, S] shared-prefix rows: 0 prompt, j answer j, -1 padding
 
-    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask")
+    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask", "segments")
 
     def __len__(self) -> int:
         return self.response_index.shape[0]
@@ -205,4 +206,4 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
         positions[i, : len(t)] = torch.tensor(ps)
         segments[i, : len(t)] = torch.tensor(sg)
     return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=shared_prefix_mask(segments),
-                       response_labels=targets, answers_per_row=g)
+                       response_labels=targets, answers_per_row=g, segments=segments)

@@ -12,6 +12,7 @@ import torch
 
 from megatron_r1.models.heads import hidden_states_output, output_weight
 from megatron_r1.models.positions import rotary_positions
+from megatron_r1.models.prefix_attention import PrefixLayout, prefix_attention
 from megatron_r1.rl.batch import PolicyBatch
 from megatron_r1.training.setup import unwrap
 
@@ -53,11 +54,17 @@ def micro_batches(batch: PolicyBatch, micro_batch_size: int, device) -> Iterator
 
 
 def model_forward(model, mb: PolicyBatch) -> torch.Tensor:
-    """The model on one micro-batch: causal rows as they are; shared-prefix rows with their attention mask and
-    rotary embeddings at their position ids (every pipeline stage gets both from the micro-batch)."""
+    """The model on one micro-batch: causal rows as they are; shared-prefix rows with their attention mask, their
+    block layout (prompt, answers) for the local core attention, and rotary embeddings at their position ids (every
+    pipeline stage gets all three from the micro-batch)."""
     if mb.attention_mask is None:
         return model(mb.tokens, mb.position_ids, None)
-    with rotary_positions(unwrap(model), mb.position_ids):
+    inner = unwrap(model)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(rotary_positions(inner, mb.position_ids))
+        if mb.segments is not None:
+            layout = PrefixLayout.from_segments(mb.segments, mb.answers_per_row, mb.attention_mask)
+            stack.enter_context(prefix_attention(inner, layout))
         return model(mb.tokens, mb.position_ids, mb.attention_mask)
 
 

@@ -109,6 +109,7 @@ def _step_both_ways(rank, world, name, tp, init_dir):
     from the same initial weights."""
     from megatron_r1.checkpoint import load_model_only
     from megatron_r1.models.builder import build_model
+    from megatron_r1.models.prefix_attention import calls
     from megatron_r1.parallel import init_parallel
     from megatron_r1.rl.policy_forward import compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches
     from megatron_r1.training.setup import build_train_state, unwrap
@@ -124,6 +125,7 @@ def _step_both_ways(rank, world, name, tp, init_dir):
     out = {}
     for mode, fn in (("plain", collate), ("packed", collate_shared_prefix)):
         pb = fn(rb, pad_id=0, pad_multiple=tp)
+        calls.clear()
         state = build_train_state(cfg, ctx, 10)
         model = unwrap(state.model[0])
         if init_dir is None:
@@ -141,12 +143,14 @@ def _step_both_ways(rank, world, name, tp, init_dir):
         grads = {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
         out[mode] = {"logprobs": lp * pb.response_mask, "grads": grads, "weights": weights, "loss": result.loss,
-                     "grad_norm": result.grad_norm}
+                     "grad_norm": result.grad_norm, "attention": dict(calls)}
     return out
 
 
 def _assert_same(out):
     plain, packed = out["plain"], out["packed"]
+    # packed rows ran through block attention only: 2 layers, 2 micro-batches of log-probs and 2 of training
+    assert packed["attention"] == {"blocks": 8} and "blocks" not in plain["attention"], out
     torch.testing.assert_close(packed["logprobs"], plain["logprobs"], rtol=0, atol=2e-5)
     assert abs(packed["loss"] - plain["loss"]) < 1e-5 and plain["grad_norm"] > 1e-3
     assert plain["grads"].keys() == packed["grads"].keys()
@@ -185,6 +189,7 @@ def _logprobs_pp2(rank, world, init_dir):
     micro-batch."""
     from megatron_r1.checkpoint import load_model_only
     from megatron_r1.models.builder import build_model
+    from megatron_r1.models.prefix_attention import calls
     from megatron_r1.parallel import init_parallel
     from megatron_r1.rl.policy_forward import compute_logprobs
 
@@ -194,15 +199,18 @@ def _logprobs_pp2(rank, world, init_dir):
     model = build_model(cfg.model, cfg.parallel, "fp32")
     load_model_only(model, init_dir)
     rb = rollouts(vocab=cfg.model.vocab_size)
-    out = [compute_logprobs([model], fn(rb, pad_id=0), 2 * G, 0.9, ctx.device) for fn in (collate,
-                                                                                          collate_shared_prefix)]
-    return None if out[0] is None else [lp * collate(rb, 0).response_mask for lp in out]
+    plain = compute_logprobs([model], collate(rb, pad_id=0), 2 * G, 0.9, ctx.device)
+    calls.clear()
+    packed = compute_logprobs([model], collate_shared_prefix(rb, pad_id=0), 2 * G, 0.9, ctx.device)
+    used = dict(calls)
+    return used, None if plain is None else [lp * collate(rb, 0).response_mask for lp in (plain, packed)]
 
 
 def test_packed_groups_through_a_pipeline(tmp_path):
     run_distributed(_save_init, 1, str(tmp_path))
-    first, last = run_distributed(_logprobs_pp2, 2, f"{tmp_path}/init")
+    (used0, first), (used1, last) = run_distributed(_logprobs_pp2, 2, f"{tmp_path}/init")
     assert first is None
+    assert used0 == used1 == {"blocks": 2}, (used0, used1)  # 1 layer per stage, 2 micro-batches: blocks only
     plain, packed = last
     torch.testing.assert_close(packed, plain, rtol=0, atol=2e-5)
 
