@@ -268,8 +268,9 @@ class FunctionalGPT:
         return _all_gather_last(F.linear(h, self.out_w), self.tp_group)
 
     def _residual_linear(self, x, y, w):
-        """x + all_reduce(y @ w.T); without TP, x is the linear's bias: the add rides on the matmul (addmm)."""
-        if self.tp_size == 1:
+        """x + all_reduce(y @ w.T); without TP, a 2-D x is the linear's bias: the add rides on the matmul (addmm;
+        F.linear folds 3-D inputs to 2-D and cannot broadcast a 3-D bias there)."""
+        if self.tp_size == 1 and x.dim() == 2:
             return F.linear(y, w, x)
         return x + _all_reduce(F.linear(y, w), self.tp_group)
 

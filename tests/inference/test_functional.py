@@ -90,3 +90,18 @@ def test_single_prompt_prefill(models, preset):
     tokens = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(4))
     out = FunctionalGPT(model, max_seq=32).prefill(tokens, torch.tensor([9]), all_logits=True)
     assert (out - _megatron_logits(model, tokens)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_one_token_prompt_then_decode(models, preset):
+    """A one-token prompt (the server's shortest) prefills [1, 1] and decodes on from its cache."""
+    model = models[preset]
+    tokens = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(5))
+    ref = _megatron_logits(model, tokens)[0]
+    fn = FunctionalGPT(model, max_seq=16)
+    cache = fn.new_cache(2)
+    worst = (fn.prefill(tokens[:, :1], torch.tensor([1]), cache)[0] - ref[0]).abs().max().item()
+    for t in range(1, 6):
+        out = fn.decode(tokens[:, t], torch.tensor([t]), cache)[0]
+        worst = max(worst, (out - ref[t]).abs().max().item())
+    assert worst < 1e-5, f"{preset}: max |logit diff| {worst:.2e}"
