@@ -5,6 +5,7 @@ How the RL loop uses it (same process, same parallel groups as the trainer; ever
 
     engine = Engine(policy_model, tokenizer=tok, max_batch_size=64, max_seq_len=prompt_len + response_len)
     results = engine.generate(prompt_ids, SamplingParams(temperature=1.0, max_tokens=response_len, seed=s))
+    # (G copies of a prompt submitted together are prefilled once: engine.stats["prefill_tokens_shared"])
     # results[i].token_ids, .logprobs (behaviour log-probs at the sampling temperature: the TIS denominator),
     # .raw_logprobs (temperature 1), .text, .finish_reason ("stop" | "length"), .weight_version
     ...  # rewards, advantages, policy loss, optimizer.step()

@@ -3,7 +3,10 @@
 Scheduling, one `step()` at a time:
 1. drop aborted requests (their slot is freed at once);
 2. admit waiting requests into free cache slots (FIFO, bounded by `max_batch_size` and `max_prefill_tokens`)
-   and prefill them together (right-padded batch), sampling each one's first token;
+   and prefill them together (right-padded batch), sampling each one's first token. Requests admitted together
+   with the same sequence (GRPO's G samples of a prompt, a server request with n > 1) are prefilled once; the
+   others get copies of its cache rows and logits, and sample with their own seeds (stats
+   `prefill_tokens_shared` counts the prompt tokens not computed; copies cost no prefill budget);
 3. one batched decode step over every running request (per-row positions and length masks), then sampling.
 Running requests always occupy cache rows 0..n-1: when one finishes, the last row is moved into its place, so
 decode works on a view of the cache, never a gather.
