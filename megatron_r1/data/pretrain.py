@@ -15,9 +15,12 @@ from megatron_r1.data.templates import get_template
 from megatron_r1.errors import ConfigError
 
 
-def _corrupt(solution: str, answer: str, rng: random.Random) -> tuple[str, str]:
-    """A wrong final answer, with the last step's result changed to match it."""
-    wrong = int(answer) + rng.choice([d for d in range(-10, 11) if d])
+DEFAULT_ERROR_OFFSETS = tuple(d for d in range(-10, 11) if d)
+
+
+def _corrupt(solution: str, answer: str, rng: random.Random, offsets=DEFAULT_ERROR_OFFSETS) -> tuple[str, str]:
+    """A wrong final answer (the right one plus one of `offsets`), with the last step's result changed to match."""
+    wrong = int(answer) + rng.choice(offsets)
     # The solution ends with "... = <answer>"; rewrite that last number only.
     new_solution = re.sub(rf"(?<![\d-]){re.escape(answer)}(\D*)$", rf"{wrong}\g<1>", solution, count=1)
     return new_solution, str(wrong)
@@ -37,16 +40,28 @@ def _broken(prompt_text: str, reasoning: str, answer: str, rng: random.Random) -
 
 def pretrain_corpus(task: str = "demo_arithmetic", num_samples: int = 10000, seed: int = 0,
                     correct_fraction: float = 0.5, broken_format_fraction: float = 0.1, template: str = "r1_zero",
-                    **task_options) -> list[str]:
+                    plain_fraction: float = 0.0, error_offsets=DEFAULT_ERROR_OFFSETS, **task_options) -> list[str]:
     """`num_samples` full documents `template(prompt) + " <think> steps </think> <answer> N </answer>"`.
 
     `task` is a built-in task whose samples carry an integer `answer` and a short `solution` (demo_arithmetic,
     arithmetic, word_problems); `task_options` (e.g. difficulty) go to its generator. No EOS is appended: the
     trainer adds its tokenizer's.
+
+    `plain_fraction` of the documents drop the template's instructions and keep only its last turn ("User: 43+5.
+    Assistant: <think> ..."), like the bare worked problems a base model's corpus is full of: a quarter of the
+    tokens per problem, so a tiny model sees several times more problems per step of compute.
+
+    A wrong answer is the right one plus one of `error_offsets` (default ±1..±10): `[-10, 10]` makes every slip a
+    tens-digit slip, so the units digits stay a clean signal and the errors one systematic habit RL can unlearn.
     """
-    for name, value in (("correct_fraction", correct_fraction), ("broken_format_fraction", broken_format_fraction)):
+    for name, value in (("correct_fraction", correct_fraction), ("broken_format_fraction", broken_format_fraction),
+                        ("plain_fraction", plain_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"pretrain_corpus: {name} must be in [0, 1], got {value}")
+    offsets = tuple(error_offsets)
+    if not offsets or not all(isinstance(d, int) and not isinstance(d, bool) and d for d in offsets):
+        raise ConfigError(f"pretrain_corpus: error_offsets must be a non-empty list of non-zero integers, got "
+                          f"{error_offsets!r}")
     tmpl = get_template(template)
     samples = generate(task, num_samples=num_samples, seed=seed, split="train", **task_options)
     rng = random.Random(f"pretrain:{task}:{seed}")
@@ -56,8 +71,10 @@ def pretrain_corpus(task: str = "demo_arithmetic", num_samples: int = 10000, see
             raise ConfigError(f"pretrain_corpus: task {task!r} samples need an integer answer and a solution")
         reasoning, answer = s["solution"].replace("\n", " "), s["answer"]
         if rng.random() >= correct_fraction:
-            reasoning, answer = _corrupt(reasoning, answer, rng)
+            reasoning, answer = _corrupt(reasoning, answer, rng, offsets)
         prompt_text = tmpl.format(s["prompt"])
+        if plain_fraction and rng.random() < plain_fraction:
+            prompt_text = prompt_text[prompt_text.rfind("User:"):] if "User:" in prompt_text else s["prompt"]
         if rng.random() < broken_format_fraction:
             docs.append(_broken(prompt_text, reasoning, answer, rng))
         else:

@@ -54,3 +54,27 @@ def test_extremes_and_validation():
         pretrain_corpus(num_samples=1, correct_fraction=1.5)
     with pytest.raises(ConfigError, match="integer answer and a solution"):
         pretrain_corpus("countdown", num_samples=1)
+
+
+def test_plain_documents_keep_only_the_last_turn():
+    docs = pretrain_corpus(num_samples=2000, seed=3, difficulty=0, plain_fraction=0.75, broken_format_fraction=0.0)
+    plain = [d for d in docs if d.startswith("User: ")]
+    assert 0.70 < len(plain) / len(docs) < 0.80
+    assert all(d.startswith(PREFIX) for d in docs if not d.startswith("User: "))
+    assert all(re.fullmatch(r"User: \d+[+-]\d\. Assistant: <think> .* </think> <answer> \d+ </answer>", d)
+               for d in plain)
+    # The option off leaves the corpus exactly as before (same RNG stream).
+    assert pretrain_corpus(num_samples=50, seed=3) == pretrain_corpus(num_samples=50, seed=3, plain_fraction=0.0)
+
+
+def test_error_offsets_choose_the_slips():
+    docs = pretrain_corpus(num_samples=1500, seed=4, difficulty=0, correct_fraction=0.4, broken_format_fraction=0.0,
+                           error_offsets=[-10, 10])
+    prompts, completions = zip(*map(parse, docs))
+    answers = [int(re.search(r"<answer> (-?\d+) </answer>", c).group(1)) for c in completions]
+    diffs = [a - eval(p) for p, a in zip(prompts, answers)]  # noqa: S307
+    assert set(diffs) == {-10, 0, 10}
+    assert 0.35 < diffs.count(0) / len(diffs) < 0.45
+    for bad in ([], [0], [1.5], "10"):
+        with pytest.raises(ConfigError, match="error_offsets"):
+            pretrain_corpus(num_samples=1, error_offsets=bad)
