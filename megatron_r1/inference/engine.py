@@ -401,6 +401,7 @@ class Engine:
                         weights.copy_same_layout(src, self.model)
                     else:
                         weights.load_full_state_dict(self.model, src)
+            self.fn.refresh()  # parameter references again, in case modules or Parameters were replaced
             self.weight_version += 1
             # the cached K/V (latents) came from the old weights: re-prefill running requests, oldest first
             with self._lock:
