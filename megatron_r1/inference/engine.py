@@ -233,10 +233,12 @@ class Engine:
                 batch.append(self._waiting.popleft())
         if not batch:
             return
-        # rows: the distinct sequences first (prefilled together), then the copies (cache rows copied)
+        # rows: the distinct sequences first (prefilled together), then the copies (cache rows copied); they join
+        # the running rows now, so a failing prefill fails them (see _loop) instead of losing them
         uniq = [r for r, s in zip(batch, src) if s is None]
         copies = [(r, s) for r, s in zip(batch, src) if s is not None]
         row0 = len(self._rows)
+        self._rows.extend(uniq + [r for r, _ in copies])
         T = max(r.length for r in uniq)
         tokens = torch.zeros(len(uniq), T, dtype=torch.long)
         for i, r in enumerate(uniq):
@@ -252,8 +254,7 @@ class Engine:
             logits = torch.cat([logits, logits[from_u]])
             lengths = torch.cat([lengths, lengths[from_u.cpu()]])
             self.stats["prefill_tokens_shared"] += sum(r.length for r, _ in copies)
-        batch = uniq + [r for r, _ in copies]
-        self._rows.extend(batch)
+        batch = self._rows[row0:]
         self.stats["prompt_tokens"] += sum(r.length for r in batch)
         self._pos[row0:row0 + len(batch)] = lengths.to(self.device)  # the sampled token's position
         now = time.monotonic()

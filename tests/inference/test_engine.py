@@ -253,3 +253,26 @@ def test_shared_prompt_prefilled_once(models, preset):
     greedy = shared.generate([prompts[0]] * G, SamplingParams(temperature=0, max_tokens=6))
     for r in greedy:
         _assert_greedy(model, prompts[0], r.token_ids)
+
+
+def test_failed_prefill_fails_its_requests_instead_of_losing_them(models, monkeypatch):
+    """A step that raises during prefill finishes the requests it admitted with "error" (clients do not hang),
+    and the engine serves the next requests."""
+    engine = Engine(models["llama_tiny"], max_batch_size=4, max_seq_len=64)
+    real = engine.fn.prefill
+
+    def broken(*args, **kwargs):
+        monkeypatch.setattr(engine.fn, "prefill", real)  # fail once
+        raise RuntimeError("injected prefill failure")
+
+    monkeypatch.setattr(engine.fn, "prefill", broken)
+    engine.start()
+    try:
+        reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=3)) for p in _prompts(2, seed=14)]
+        assert all(r.done.wait(timeout=30) for r in reqs)
+        assert [r.result.finish_reason for r in reqs] == ["error", "error"]
+        assert engine.stats["failed_steps"] == 1
+        ok = engine.generate(_prompts(1, seed=15), SamplingParams(temperature=0, max_tokens=3))[0]
+        assert ok.finish_reason == "length" and len(ok.token_ids) == 3
+    finally:
+        engine.stop()
