@@ -2,8 +2,8 @@
 
 Why not call GPTModel itself: its forward recomputes the whole sequence (or needs Megatron's inference context,
 which assumes CUDA), and its per-module Python layers cost more than the model on tiny CPU shapes. This forward
-reads the very `nn.Parameter` objects the trainer updates (no copy, looked up at call time, so Megatron's DDP
-re-pointing `param.data` into its buffers is seen too) and reproduces Megatron's arithmetic op for op: RMSNorm,
+reads the very `nn.Parameter` objects the trainer updates (no copy; the Parameter objects are held, so Megatron's
+DDP re-pointing `param.data` into its buffers is seen too) and reproduces Megatron's arithmetic op for op: RMSNorm,
 SwiGLU, grouped QKV layout, RoPE (YaRN with mscale, MLA's de-interleaved rope), MLA with q/kv compression, the
 sigmoid group-limited router with expert bias, routed scaling and shared experts.
 
