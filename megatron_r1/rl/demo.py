@@ -31,21 +31,30 @@ COMMON = {
 
 PRETRAIN = {
     "stage": "pretrain",
+    # The base corpus: 45% of the worked solutions are right; the others slip in the last step's tens digit
+    # (43+5 = 58 or 38), a systematic habit the base model copies and RL can train away. 90% of the documents
+    # are bare "User: 43+5. Assistant: <think> ..." lines (4x fewer tokens than the full template), so the tiny
+    # model sees ~100 problems per step. It learns to copy the operands and add their units digits in a phase
+    # change whose timing varies from run to run (measured: step ~450 to ~550); on the held-out split, greedy
+    # accuracy reached 0.98 by step 700 while sampled (T=1) pass@1 stayed ~0.4 (the slips it copies).
     "data": {"source": f"builtin:{TASK}",
-             "options": {"num_samples": 20000, "seed": 7, "correct_fraction": 0.45, "difficulty": 0}},
-    # The model learns to copy the operands from the prompt (an induction head) only after ~450-500 steps;
-    # measured on the held-out split: pass@1 0.8% at step 300, 4.7% at step 600.
-    "training": {"train_steps": 600, "micro_batch_size": 16, "global_batch_size": 16, "seed": 11},
+             "options": {"num_samples": 20000, "seed": 7, "correct_fraction": 0.45, "difficulty": 0,
+                         "plain_fraction": 0.9, "error_offsets": [-10, 10]}},
+    "training": {"train_steps": 800, "micro_batch_size": 16, "global_batch_size": 16, "seed": 11},
     "optimizer": {"lr": 2e-3, "min_lr": 3e-4, "lr_warmup_steps": 30, "lr_decay_style": "cosine", "clip_grad": 1.0},
 }
 
 GRPO = {
     "stage": "grpo",
     "data": {"source": f"builtin:{TASK}", "options": {"num_samples": 4000, "seed": 7, "difficulty": 0}},
-    "training": {"train_steps": 30, "micro_batch_size": 32, "global_batch_size": 128, "seed": 13},
-    "optimizer": {"lr": 3e-4, "min_lr": 3e-4, "lr_warmup_steps": 0, "lr_decay_style": "constant", "clip_grad": 1.0},
+    "training": {"train_steps": 60, "micro_batch_size": 32, "global_batch_size": 128, "seed": 13},
+    # A small constant lr: Adam's first steps move every weight by ~lr whatever its gradient. Measured from this
+    # base: at 1e-4 the KL to it is 0.09 after one step and accuracy falls 0.30 -> 0.13 in four; at 3e-4, KL 0.5.
+    "optimizer": {"lr": 5e-5, "min_lr": 5e-5, "lr_warmup_steps": 0, "lr_decay_style": "constant", "clip_grad": 1.0},
+    # shared_prefix: each prompt is computed once per group in the update and the log-prob passes.
     "rl": {"prompts_per_step": 16, "group_size": 8, "max_prompt_length": 128, "max_response_length": 32,
-           "mini_batch_size": 128, "kl_coef": 0.001, "kl_estimator": "k3", "clip_low": 0.2, "clip_high": 0.2},
+           "mini_batch_size": 128, "shared_prefix": True, "kl_coef": 0.001, "kl_estimator": "k3",
+           "clip_low": 0.2, "clip_high": 0.2},
     "generation": {"temperature": 1.0, "max_batch_size": 128},
     "rewards": [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.5}],
 }
