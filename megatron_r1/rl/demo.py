@@ -169,6 +169,6 @@ def main(argv: list[str]) -> int:
     print(format_table(before, after, k))
     print(f"\nfinished in {minutes:.1f} min; run directory: {run_dir}")
     print(f"  results: {run_dir / 'results.json'}")
-    print(f"  curves:  {', '.join(p.name for p in plots)} in {run_dir / 'plots'}")
+    print(f"  curves:  {', '.join(str(p.relative_to(run_dir / 'plots')) for p in plots)} in {run_dir / 'plots'}")
     print(f"  tensorboard --logdir {run_dir}")
     return 0
