@@ -119,20 +119,15 @@ class KVCache:
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy slot row `src` into `dst` (the scheduler keeps running requests in rows 0..n-1)."""
-        for t in self._tensors():
-            if self.spec.mla:
-                t[dst, :length] = t[src, :length]
-            else:
-                t[dst, :, :length] = t[src, :, :length]
-        self.bias[dst] = self.bias[src]
+        self.copy_rows(src, dst, length)
 
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-        """Slot rows `dst` get the first `length` positions (and the bias) of rows `src`: a prompt prefilled once
-        serves several requests (GRPO's G samples of one prompt)."""
+    def copy_rows(self, src, dst, length: int) -> None:
+        """Slot rows `dst` get the first `length` positions (and the bias) of rows `src` (ints or index tensors):
+        a prompt prefilled once serves several requests (GRPO's G samples of one prompt)."""
         for t in self._tensors():
-            if self.spec.mla:
+            if self.spec.mla:  # [rows, seq, width]
                 t[dst, :length] = t[src, :length]
-            else:
+            else:  # [rows, kv_heads, seq, 2 * head_dim]
                 t[dst, :, :length] = t[src, :, :length]
         self.bias[dst] = self.bias[src]
 
@@ -506,13 +501,10 @@ class FunctionalGPT:
         return self._logits(self.final_norm(x))
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-               max_len: Optional[int] = None) -> torch.Tensor:
-        """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V].
-
-        `max_len`: max(pos) + 1 when the caller knows it (saves a device sync)."""
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
         B = tokens.shape[0]
-        L = int(pos.max()) + 1 if max_len is None else max_len
+        L = int(pos.max()) + 1
         x = self._embed(tokens)  # [B, h]
         cache.bias[:B].scatter_(1, pos.unsqueeze(1), 0.0)  # the new token is visible from now on
         bias = cache.bias[:B, :L]
