@@ -48,6 +48,7 @@ install_requires = [
     "tokenizers==0.23.3",
     "transformers==5.24.0",
     "einops==0.8.2",
+    "ninja==1.13.0",  # builds the JIT extensions of csrc/ (the fused CPU decode step; the CUDA kernels on a GPU)
 ]
 
 extras = {

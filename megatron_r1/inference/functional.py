@@ -175,7 +175,8 @@ def _norm_fn(mod, dtype):
 class FunctionalGPT:
     """KV-cached forward over a GPTModel's parameters; see the module docstring."""
 
-    def __init__(self, model, max_seq: Optional[int] = None, mla_absorb: bool = True):
+    def __init__(self, model, max_seq: Optional[int] = None, mla_absorb: bool = True, use_fused: bool = True):
+        """`use_fused`: run decode steps through the fused CPU step where it applies (`fused_decode_reason`)."""
         from megatron.core import parallel_state as ps
 
         self.model = model
@@ -192,6 +193,7 @@ class FunctionalGPT:
                              if ps.is_initialized() and cfg.num_moe_experts else None)
         self.mla = bool(getattr(cfg, "multi_latent_attention", False))
         self.mla_absorb = mla_absorb
+        self.use_fused = use_fused
         self.max_seq = int(max_seq or model.max_sequence_length)
         self.vocab_size = model.vocab_size  # padded; logits cover the padded vocab like the trainer's log-probs
         self.num_layers = len(model.decoder.layers)
@@ -235,6 +237,8 @@ class FunctionalGPT:
         m = self.model
         self.layers = [_Layer(layer, self.dtype) for layer in m.decoder.layers]
         self.final_norm = _norm_fn(m.decoder.final_layernorm, self.dtype)
+        self._fused = None  # built lazily by _fused_decode_args (needs the extension)
+        self._fused_checked = False
         self.embed_w = m.embedding.word_embeddings.weight
         self.out_w = (m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights
                       else m.output_layer.weight)
@@ -500,9 +504,52 @@ class FunctionalGPT:
             x = self._ffn(lyr, x)
         return self._logits(self.final_norm(x))
 
+    def fused_decode_reason(self) -> Optional[str]:
+        """Why the fused CPU decode step (csrc/cpu_decode.cpp) does not apply to this model, or None if it does:
+        a dense fp32 model on the CPU without TP, whose norms are our RMSNorm (what the C++ step implements)."""
+        if self.mla:
+            return "multi-latent attention"
+        if self.tp_size > 1:
+            return "tensor parallelism"
+        if self.dtype != torch.float32 or self.embed_w.device.type != "cpu":
+            return f"{self.dtype} on {self.embed_w.device.type}"
+        norms = [m for layer in self.model.decoder.layers for m in (layer.input_layernorm, layer.pre_mlp_layernorm)]
+        norms.append(self.model.decoder.final_layernorm)
+        if any(type(m) is not RMSNorm or m.weight.dtype != torch.float32 for m in norms):
+            return "a norm other than fp32 RMSNorm"
+        if any(lyr.moe is not None for lyr in self.layers):
+            return "mixture-of-experts layers"
+        return None
+
+    def _fused_decode_args(self):
+        """The extension and the parameter lists it reads (the Parameter objects: in-place updates are seen),
+        or None where it does not apply or could not be built; decided once per refresh()."""
+        if not self._fused_checked:
+            self._fused_checked = True
+            if self.fused_decode_reason() is None:
+                from megatron_r1.inference import cpu_kernels
+
+                if cpu_kernels.available():
+                    layers, eps = [], []
+                    empty = torch.empty(0)
+                    for layer, lyr in zip(self.model.decoder.layers, self.layers):
+                        layers += [layer.input_layernorm.weight, lyr.qkv_w,
+                                   lyr.qkv_b if lyr.qkv_b is not None else empty, lyr.proj_w,
+                                   layer.pre_mlp_layernorm.weight, lyr.fc1_w, lyr.fc2_w]
+                        eps += [layer.input_layernorm.eps, layer.pre_mlp_layernorm.eps]
+                    eps.append(self.model.decoder.final_layernorm.eps)
+                    self._fused = (cpu_kernels.load(), layers, eps, self.model.decoder.final_layernorm.weight)
+        return self._fused
+
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
+        fused = self._fused_decode_args() if self.use_fused else None
+        if fused is not None:
+            ext, layers, eps, final_w = fused
+            return ext.dense_decode(tokens, pos, self.embed_w, layers, eps, final_w, self.out_w, cache.kv,
+                                    cache.bias, self.cos, self.sin, self.kv_heads, self.heads // self.kv_heads,
+                                    self.hd, self.softmax_scale)
         B = tokens.shape[0]
         L = int(pos.max()) + 1
         x = self._embed(tokens)  # [B, h]

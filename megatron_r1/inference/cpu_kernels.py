@@ -1,0 +1,120 @@
+"""The fused CPU decode step (csrc/cpu_decode.cpp) as a JIT torch extension, with the torch path as fallback.
+
+Built on first use (about 20 s with g++ and ninja; cached on disk per source, torch version and CPU), only when a
+dense fp32 model decodes on the CPU. It is compiled with -march=native, so the cache key includes the CPU's
+model and flags: a home directory shared by different nodes gets one build per kind of CPU.
+`MEGATRON_R1_CPU_DECODE=0` turns it off (the torch path in functional.py then runs, same arithmetic).
+A failed build warns once and falls back; nothing here is imported unless a CPU engine decodes.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+EXT_NAME = "megatron_r1_cpu_decode"
+SOURCE = "cpu_decode.cpp"
+ENV_SWITCH = "MEGATRON_R1_CPU_DECODE"
+_PKG = Path(__file__).resolve().parents[1]
+
+_module = None
+_build_error = None
+_lock = threading.Lock()
+
+
+def source_path() -> Path:
+    """csrc/cpu_decode.cpp of the checkout, else the copy shipped inside the installed package."""
+    for cand in (_PKG.parent / "csrc" / SOURCE, _PKG / "csrc" / SOURCE):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"{SOURCE} not found in {_PKG.parent / 'csrc'} or {_PKG / 'csrc'}")
+
+
+def _cpu_key() -> bytes:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines).encode()
+    except OSError:
+        return platform.processor().encode()
+
+
+def _build_dir(src: Path) -> Path:
+    root = Path(os.environ.get("MEGATRON_R1_EXT_DIR", Path.home() / ".cache" / "megatron_r1" / "torch_extensions"))
+    digest = hashlib.sha1(torch.__version__.encode() + _cpu_key() + src.read_bytes())
+    return root / f"{EXT_NAME}_{digest.hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """cpp_extension runs `ninja` from PATH; the pip `ninja` package (a dependency) puts it in the venv's bin/,
+    which is not on PATH when the venv's python is run without activating it."""
+    try:
+        import ninja
+
+        bin_dir = str(Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        bin_dir = None
+    saved = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in saved.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + saved
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def load(verbose: bool = False):
+    """Compile (if needed) and import the extension; raises if the build fails."""
+    global _module
+    with _lock:
+        if _module is None:
+            from torch.utils import cpp_extension
+
+            src = source_path()
+            out = _build_dir(src)
+            out.mkdir(parents=True, exist_ok=True)
+            flags = ["-O3", "-fopenmp-simd"]
+            if platform.machine() in ("x86_64", "AMD64"):
+                flags.append("-march=native")
+            else:
+                flags.append("-mcpu=native")
+            with _ninja_on_path():
+                _module = cpp_extension.load(name=EXT_NAME, sources=[str(src)], build_directory=str(out),
+                                             extra_cflags=flags, verbose=verbose)
+    return _module
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def available() -> bool:
+    """Whether the fused step can run: switched on and built (now, if it was not); a failed build warns once."""
+    global _build_error
+    if not enabled():
+        return False
+    if _module is not None:
+        return True
+    if _build_error is not None:
+        return False
+    try:
+        load()
+    except (OSError, RuntimeError, ImportError, FileNotFoundError) as e:
+        # cpp_extension raises RuntimeError on compiler / linker errors, OSError without a toolchain or ninja
+        _build_error = e
+        warnings.warn(f"megatron_r1 fused CPU decode unavailable, using the torch path: {e}", RuntimeWarning)
+        return False
+    return True
+
+
+def build_error():
+    """The exception of the last failed build, or None."""
+    return _build_error
