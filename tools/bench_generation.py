@@ -66,6 +66,10 @@ def main(argv=None):
     max_b = max(args.batches)
     engine = Engine(model, max_batch_size=max_b, max_seq_len=args.prompt_len + args.new_tokens + 1)
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
+    reason = engine.fn.fused_decode_reason()
+    fused = reason is None and engine.fn.use_fused and engine.fn._fused_decode_args() is not None
+    print("engine decode step: " + ("fused CPU step (csrc/cpu_decode.cpp)" if fused else
+                                    f"torch ops ({reason or 'fused step off or not built'})"))
     for b in args.batches:
         prompts = torch.randint(0, m_cfg.vocab_size, (b, args.prompt_len), generator=gen)
 
