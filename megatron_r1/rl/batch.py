@@ -26,6 +26,11 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.response_tokens)
 
+    def sequence_tokens(self) -> int:
+        """Prompt + response tokens summed over the answers, each answer's own sequence (not padded or packed
+        rows): what an update over this batch processes, the same with and without `rl.shared_prefix`."""
+        return sum(len(p) + len(r) for p, r in zip(self.prompt_tokens, self.response_tokens))
+
     def select(self, idx: list) -> "RolloutBatch":
         """The answers at `idx` (whole groups, for dynamic sampling)."""
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731

@@ -266,10 +266,7 @@ def run_grpo(cfg: Config) -> dict:
             engine.refit()
         state.step += 1
         gen_tokens = float(pb.response_mask.sum())
-        # Counted on the answers' own sequences (prompt + response), not the padded or packed rows, so the rate
-        # means the same with and without rl.shared_prefix.
-        inputs = sum(len(p) + len(r) for p, r in zip(batch.prompt_tokens, batch.response_tokens))
-        train_tokens = float(pb.response_mask.sum() + inputs) * rl.ppo_epochs
+        train_tokens = float(batch.sequence_tokens()) * rl.ppo_epochs  # each response token once (it is in there)
         for key in step_metrics[0] if step_metrics else []:
             vals = [m[key] for m in step_metrics if key in m and math.isfinite(m[key])]
             if vals:

@@ -71,6 +71,11 @@ def test_layout_positions_mask_and_targets():
     assert mask[:19, 19:].all()  # nothing real sees padding
 
 
+def test_sequence_tokens_count_each_answers_prompt_and_response_once():
+    # prompts 7, 3, 11 tokens (3 answers each), responses 5+1+9, 4+4+2, 8+3+6 tokens
+    assert rollouts().sequence_tokens() == 3 * (7 + 3 + 11) + (15 + 10 + 17)
+
+
 def test_slices_keep_whole_groups():
     pb = collate_shared_prefix(rollouts(), pad_id=0)
     part = pb.slice(3, 9)
