@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
 EXT_NAME = "megatron_r1_cpu_decode"
 SOURCE = "cpu_decode.cpp"
 ENV_SWITCH = "MEGATRON_R1_CPU_DECODE"
@@ -81,6 +83,8 @@ def load(verbose: bool = False):
             src = source_path()
             out = _build_dir(src)
             out.mkdir(parents=True, exist_ok=True)
+            if not any(out.glob(f"{EXT_NAME}*.so")):
+                log.info("building the fused CPU decode step into %s (once per machine and torch, ~20 s)", out)
             flags = ["-O3", "-fopenmp-simd"]
             if platform.machine() in ("x86_64", "AMD64"):
                 flags.append("-march=native")
