@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_r1.models.prefix_attention import block_attention, calls
+from megatron_r1.models.prefix_attention import block_attention, calls, dense_mask
 
 
 class SDPACoreAttention(MegatronModule):
     """Causal attention over Megatron's [s, b, heads, dim] layout with `torch.nn.functional.scaled_dot_product_attention`.
 
     Accepts K/V head sizes that differ (MLA) and grouped KV heads (GQA). `attention_mask`, when given, follows
-    Megatron's convention (True = masked) and is used instead of the causal mask (packed samples); when it is the
-    mask of an active `PrefixLayout` (shared-prefix rows), attention runs per block instead
-    (`megatron_r1.models.prefix_attention`).
+    Megatron's convention (True = masked) and is used instead of the causal mask (packed samples); shared-prefix rows
+    pass their O(S) segment mask, which runs per block while its `PrefixLayout` is active and is expanded to the
+    dense mask otherwise (`megatron_r1.models.prefix_attention`).
     """
 
     prefix_layout = None  # set by `prefix_attention(model, layout)` for the duration of a forward
@@ -50,6 +50,7 @@ class SDPACoreAttention(MegatronModule):
             calls["blocks"] += 1
             return block_attention(query, key, value, layout, self.softmax_scale, dropout)
         calls["causal" if attention_mask is None else "dense_mask"] += 1
+        attention_mask = dense_mask(attention_mask)  # a shared-prefix segment mask outside its layout: expanded
         sq, b, nq, _ = query.shape
         nkv = key.shape[2]
         q = query.permute(1, 2, 0, 3)  # [b, heads, s, d]

@@ -11,8 +11,11 @@ against all S = P + G·L columns (~G× the work needed, and G× the memory of th
 and gathers the three back into Megatron's [s, b, ...] order with one index. Each real query sees exactly the keys
 the dense mask allows, so outputs and gradients equal the dense path's up to summation order (~1 ulp).
 
-The layout is matched to its dense mask by identity: any other mask (or none) takes the ordinary path, and so does
-a layer that activation recomputation re-runs outside the block (same mask, same result, dense cost). Padded query
+The mask handed to the model for such rows is `segment_mask(segments)`: the rows' segment ids as a [b, 1, 1, S]
+int64 tensor, O(S) memory where the dense [b, 1, S, S] mask is O(S²) (4 GB per row at S = 64k: R1-length answers).
+The layout is matched to that mask by identity; a layer that activation recomputation re-runs outside the block
+gets the dense mask built from it on the spot (`dense_mask`: same result, dense cost), and any other mask (or
+none) takes the ordinary path. Padded query
 slots (answers shorter than L_max) always see their row's prompt, so no softmax row is empty (no NaN); their
 outputs are dropped.
 """
@@ -29,6 +32,36 @@ import torch.nn.functional as F
 calls = collections.Counter()  # "blocks" / "dense_mask" / "causal": which path each core attention call took
 
 
+def shared_prefix_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Dense attention mask [rows, 1, S, S] (True = masked) for rows [prompt, answer_1, ..., answer_G, pad].
+
+    `segments` [rows, S]: 0 for prompt tokens, j for answer j's tokens, -1 for padding. A token sees earlier tokens
+    of the prompt and of its own segment: the prompt is causal, each answer sees the whole prompt and its own past,
+    never another answer. Padding sees only itself, so no softmax row is empty (no NaN) and nothing real sees it.
+    """
+    s = segments.shape[1]
+    q, k = segments.unsqueeze(2), segments.unsqueeze(1)  # [rows, S, 1], [rows, 1, S]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & ((k == 0) | (k == q)) & (q >= 0)
+    allowed |= torch.eye(s, dtype=torch.bool, device=segments.device)
+    return (~allowed).unsqueeze(1)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """The attention mask of shared-prefix rows as the model receives it: the segments [rows, S] viewed as
+    [rows, 1, 1, S] int64 (see the module docstring); `dense_mask` expands it where a dense mask is needed."""
+    return segments.long().view(segments.shape[0], 1, 1, segments.shape[1])
+
+
+def is_segment_mask(mask: Optional[torch.Tensor]) -> bool:
+    return mask is not None and mask.dtype == torch.long and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+
+
+def dense_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`mask` as a dense boolean mask (True = masked): a segment mask is expanded, anything else returned as is."""
+    return shared_prefix_mask(mask[:, 0, 0]) if is_segment_mask(mask) else mask
+
+
 @dataclass(frozen=True)
 class PrefixLayout:
     """Gather indices of one micro-batch's shared-prefix rows, built once per forward and used by every layer.
@@ -36,7 +69,7 @@ class PrefixLayout:
     Flat token indices count Megatron's [s, b] order: column c of row r is c·b + r.
     """
 
-    mask: torch.Tensor  # the dense [b, 1, S, S] mask this layout stands for (matched by identity)
+    mask: torch.Tensor  # the attention mask this layout stands for (matched by identity): the segment mask
     rows: int  # b
     seq_len: int  # S
     prompt_len: int  # P_max: the prompt block covers columns 0..P_max-1 of every row

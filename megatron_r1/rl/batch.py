@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from megatron_r1.models.prefix_attention import segment_mask, shared_prefix_mask  # noqa: F401 (re-export)
+
 
 @dataclass
 class RolloutBatch:
@@ -73,7 +75,9 @@ class PolicyBatch:
     behavior_logprobs: torch.Tensor  # [N, R]
     old_logprobs: Optional[torch.Tensor] = None  # [N, R] filled by the trainer's recompute
     ref_logprobs: Optional[torch.Tensor] = None  # [N, R] from the frozen reference model
-    attention_mask: Optional[torch.Tensor] = None  # [rows, 1, S, S] bool, True = masked; None = causal
+    # None = causal; shared-prefix rows: their segment mask [rows, 1, 1, S] (models.prefix_attention.segment_mask:
+    # O(S), expanded to the dense [rows, 1, S, S] boolean mask, True = masked, only where a layer needs it)
+    attention_mask: Optional[torch.Tensor] = None
     response_labels: Optional[torch.Tensor] = None  # [N, R] the response tokens (targets), shared-prefix rows
     answers_per_row: int = 1  # G in shared-prefix rows: answer i lives in row i // answers_per_row
     segments: Optional[torch.Tensor] = None  # [rows, S] shared-prefix rows: 0 prompt, j answer j, -1 padding
@@ -149,27 +153,12 @@ def collate(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = N
     return PolicyBatch(tokens, labels, pos, index, mask, adv, behav)
 
 
-def shared_prefix_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Attention mask [rows, 1, S, S] (True = masked) for rows [prompt, answer_1, ..., answer_G, pad].
-
-    `segments` [rows, S]: 0 for prompt tokens, j for answer j's tokens, -1 for padding. A token sees earlier tokens
-    of the prompt and of its own segment: the prompt is causal, each answer sees the whole prompt and its own past,
-    never another answer. Padding sees only itself, so no softmax row is empty (no NaN) and nothing real sees it.
-    """
-    s = segments.shape[1]
-    q, k = segments.unsqueeze(2), segments.unsqueeze(1)  # [rows, S, 1], [rows, 1, S]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    allowed = causal & ((k == 0) | (k == q)) & (q >= 0)
-    allowed |= torch.eye(s, dtype=torch.bool)
-    return (~allowed).unsqueeze(1)
-
-
 def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = None,
                           pad_multiple: int = 1) -> PolicyBatch:
     """One row per group: [prompt (P tokens), answer_1, ..., answer_G], the prompt computed once instead of G times.
 
     Answer tokens take positions P, P+1, ... (as if each followed the prompt alone) and see the prompt and their own
-    past only (`shared_prefix_mask`), so every answer's log-probs equal those of `collate`'s row prompt + answer.
+    past only (`shared_prefix_mask`; handed to the model as the O(S) `segment_mask`), so every answer's log-probs equal those of `collate`'s row prompt + answer.
     An answer's last token is only a target, so it is not an input. Every answer's first token is predicted from
     the same column (P-1), which is why targets are stored per answer token (`response_labels`), not as one labels
     column. Rows need a model whose rotary embeddings follow `position_ids` (`megatron_r1.models.positions`).
@@ -210,5 +199,5 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
         tokens[i, : len(t)] = torch.tensor(t)
         positions[i, : len(t)] = torch.tensor(ps)
         segments[i, : len(t)] = torch.tensor(sg)
-    return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=shared_prefix_mask(segments),
+    return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=segment_mask(segments),
                        response_labels=targets, answers_per_row=g, segments=segments)

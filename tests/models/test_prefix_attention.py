@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_r1.models.local_layers import SDPACoreAttention
-from megatron_r1.models.prefix_attention import PrefixLayout, calls, prefix_attention
+from megatron_r1.models.prefix_attention import PrefixLayout, calls, dense_mask, prefix_attention, segment_mask
 from megatron_r1.rl.batch import shared_prefix_mask
 
 
@@ -61,6 +61,26 @@ def test_blocks_equal_the_dense_mask(rows, s, nq, nkv, dk, dv, dtype):
     for name, a, d in zip(("out", "dq", "dk", "dv"), blocks, dense):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, d, rtol=0, atol=eps * float(d.abs().max()), msg=name)
+
+
+def test_segment_mask_runs_blocks_in_its_layout_and_the_dense_mask_outside():
+    """The O(S) segment mask: per block while its layout is active; outside it (activation recompute) expanded to
+    the dense mask, with the dense mask's results."""
+    seg = segments(RAGGED, 30)
+    smask = segment_mask(seg)
+    assert smask.shape == (3, 1, 1, 30) and torch.equal(dense_mask(smask), shared_prefix_mask(seg))
+    layout = PrefixLayout.from_segments(seg, 3, smask)
+    module = core(4)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(30, 3, n, 16, generator=g, dtype=torch.float64) for n in (4, 2, 2))
+    calls.clear()
+    ref = attention(module, q, k, v, shared_prefix_mask(seg), None)
+    outside = attention(module, q, k, v, smask, None)
+    blocks = attention(module, q, k, v, smask, layout)
+    assert calls == {"dense_mask": 2, "blocks": 1}
+    for a, b, r in zip(outside, blocks, ref):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+        torch.testing.assert_close(b, r, rtol=0, atol=1e-12 * float(r.abs().max()))
 
 
 def test_another_mask_takes_the_dense_path():

@@ -61,7 +61,10 @@ def test_layout_positions_mask_and_targets():
     assert pb.response_labels[2, :9].tolist() == rb.response_tokens[2]
     # each answer's inputs hold its own tokens: the target of column c is the input at c + 1 within an answer
     assert pb.tokens[0, 11:19].tolist() == rb.response_tokens[2][:-1]
-    mask = pb.attention_mask[0, 0]  # True = masked
+    # the model gets the O(S) segment mask [rows, 1, 1, S], not a dense [rows, 1, S, S] one
+    assert pb.attention_mask.shape == (3, 1, 1, pb.tokens.shape[1]) and pb.attention_mask.dtype == torch.long
+    assert torch.equal(pb.attention_mask[:, 0, 0], pb.segments)
+    mask = shared_prefix_mask(pb.segments)[0, 0]  # what it stands for; True = masked
     assert torch.equal(mask[:7, :7], ~torch.ones(7, 7, dtype=torch.bool).tril())  # causal prompt
     assert not mask[11:19, :7].any()  # the third answer sees the whole prompt
     assert mask[11:19, 7:11].all()  # never the first answer
