@@ -8,7 +8,6 @@ A failed build warns once and falls back; nothing here is imported unless a CPU 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -18,6 +17,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from megatron_r1.jit_ext import cache_root, ninja_on_path
 
 log = logging.getLogger(__name__)
 EXT_NAME = "megatron_r1_cpu_decode"
@@ -49,28 +50,9 @@ def _cpu_key() -> bytes:
 
 
 def _build_dir(src: Path) -> Path:
-    root = Path(os.environ.get("MEGATRON_R1_EXT_DIR", Path.home() / ".cache" / "megatron_r1" / "torch_extensions"))
+    root = cache_root()
     digest = hashlib.sha1(torch.__version__.encode() + _cpu_key() + src.read_bytes())
     return root / f"{EXT_NAME}_{digest.hexdigest()[:12]}"
-
-
-@contextlib.contextmanager
-def _ninja_on_path():
-    """cpp_extension runs `ninja` from PATH; the pip `ninja` package (a dependency) puts it in the venv's bin/,
-    which is not on PATH when the venv's python is run without activating it."""
-    try:
-        import ninja
-
-        bin_dir = str(Path(ninja.BIN_DIR))
-    except (ImportError, AttributeError):
-        bin_dir = None
-    saved = os.environ.get("PATH", "")
-    if bin_dir and bin_dir not in saved.split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + saved
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = saved
 
 
 def load(verbose: bool = False):
@@ -90,7 +72,7 @@ def load(verbose: bool = False):
                 flags.append("-march=native")
             else:
                 flags.append("-mcpu=native")
-            with _ninja_on_path():
+            with ninja_on_path():
                 _module = cpp_extension.load(name=EXT_NAME, sources=[str(src)], build_directory=str(out),
                                              extra_cflags=flags, verbose=verbose)
     return _module

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_r1.jit_ext import cache_root, ninja_on_path
+
 from .chunked import _zeros_like_or
 from .loss import KL_ESTIMATORS
 
@@ -31,7 +33,7 @@ def source_dir() -> Path:
 
 
 def _cache_dir(src: Path) -> Path:
-    root = Path(os.environ.get("MEGATRON_R1_EXT_DIR", Path.home() / ".cache" / "megatron_r1" / "torch_extensions"))
+    root = cache_root()
     digest = hashlib.sha1(torch.__version__.encode())
     for s in SOURCES:
         digest.update((src / s).read_bytes())
@@ -82,7 +84,7 @@ def load(verbose: bool = False, build_dir=None):
     out = Path(build_dir) if build_dir is not None else _cache_dir(src)
     out.mkdir(parents=True, exist_ok=True)
     env = build_env()
-    with _patched_environ(env):
+    with _patched_environ(env), ninja_on_path():
         home = os.environ.get("CUDA_HOME")
         if home and cpp_extension.CUDA_HOME != home:
             # cpp_extension resolves CUDA_HOME once, at import, from `which nvcc`; a wrapper script such as
