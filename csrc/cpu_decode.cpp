@@ -30,9 +30,9 @@ namespace {
 
 // exp(x) for float, written so that `#pragma omp simd` loops vectorise it (libm's expf does not vectorise
 // without -ffast-math, and a step runs ~30k of them): Cody-Waite range reduction x = n ln2 + r and Cephes'
-// degree-6 polynomial for e^r on [-ln2/2, ln2/2]. Below -87.3 (including -inf) it returns 0, above 88.3 e^88.3, near the
-// float maximum; relative error ~2e-7. Written without branches or floorf (GCC vectorises neither without
-// -ffast-math): clamps are min/max and n = round(x log2 e) comes from adding and removing 1.5 * 2^23.
+// degree-6 polynomial for e^r on [-ln2/2, ln2/2]; relative error ~2e-7. Below -87.3 (-inf included) it returns
+// 0, above 88.3 e^88.3 (near the float maximum). No branches and no floorf (GCC vectorises neither without
+// -ffast-math): the clamps are min/max, and n = round(x log2 e) comes from adding and removing 1.5 * 2^23.
 static inline float exp_poly(float x) {
   const float hi = 88.3f, lo = -87.3f;
   const float xc = std::min(std::max(x, lo), hi);

@@ -158,7 +158,8 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
     """One row per group: [prompt (P tokens), answer_1, ..., answer_G], the prompt computed once instead of G times.
 
     Answer tokens take positions P, P+1, ... (as if each followed the prompt alone) and see the prompt and their own
-    past only (`shared_prefix_mask`; handed to the model as the O(S) `segment_mask`), so every answer's log-probs equal those of `collate`'s row prompt + answer.
+    past only (`shared_prefix_mask`; handed to the model as the O(S) `segment_mask`), so every answer's log-probs
+    equal those of `collate`'s row prompt + answer.
     An answer's last token is only a target, so it is not an input. Every answer's first token is predicted from
     the same column (P-1), which is why targets are stored per answer token (`response_labels`), not as one labels
     column. Rows need a model whose rotary embeddings follow `position_ids` (`megatron_r1.models.positions`).
