@@ -112,7 +112,7 @@ class Engine:
         self.fn = FunctionalGPT(self.model, max_seq=max_seq_len, mla_absorb=mla_absorb)
         # the fused CPU decode step, if it applies, is built (first time on a machine, ~20 s) or loaded now rather
         # than inside the first request
-        self.fn._fused_decode_args()
+        self.fn.fused_decode_step()
         self.max_seq_len = self.fn.max_seq
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)

@@ -28,6 +28,10 @@ looked up once per layer (`refresh()`), RoPE as one multiply-add on q and k toge
 into the query's tables), K/V written in place, residual adds fused into the output projections (TP = 1).
 Prefill runs the last layer's attention output and MLP only at each row's last prompt token, the only one
 whose logits are needed (every layer's K/V are still cached for the whole prompt).
+
+On the CPU, a dense fp32 model without TP decodes through the fused step of csrc/cpu_decode.cpp instead (one
+extension call per step, same arithmetic; `fused_decode_reason()` says when it does not apply, and a missing
+compiler or `MEGATRON_R1_CPU_DECODE=0` leaves the torch ops below in charge).
 """
 from __future__ import annotations
 
@@ -237,7 +241,7 @@ class FunctionalGPT:
         m = self.model
         self.layers = [_Layer(layer, self.dtype) for layer in m.decoder.layers]
         self.final_norm = _norm_fn(m.decoder.final_layernorm, self.dtype)
-        self._fused = None  # built lazily by _fused_decode_args (needs the extension)
+        self._fused = None  # built lazily by fused_decode_step (needs the extension)
         self._fused_checked = False
         self.embed_w = m.embedding.word_embeddings.weight
         self.out_w = (m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights
@@ -519,11 +523,14 @@ class FunctionalGPT:
             return "a norm other than fp32 RMSNorm"
         if any(lyr.moe is not None for lyr in self.layers):
             return "mixture-of-experts layers"
+        if self.cos.shape[-1] != self.hd:
+            return "rotary embedding on part of the head"
         return None
 
-    def _fused_decode_args(self):
-        """The extension and the parameter lists it reads (the Parameter objects: in-place updates are seen),
-        or None where it does not apply or could not be built; decided once per refresh()."""
+    def fused_decode_step(self):
+        """The fused step's extension and the parameter lists it reads (the Parameter objects: in-place updates
+        are seen), or None where it does not apply or could not be built. Decided once per refresh(); the first
+        call builds the extension if this machine has no build yet (~20 s)."""
         if not self._fused_checked:
             self._fused_checked = True
             if self.fused_decode_reason() is None:
@@ -544,7 +551,7 @@ class FunctionalGPT:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
-        fused = self._fused_decode_args() if self.use_fused else None
+        fused = self.fused_decode_step() if self.use_fused else None
         if fused is not None:
             ext, layers, eps, final_w = fused
             return ext.dense_decode(tokens, pos, self.embed_w, layers, eps, final_w, self.out_w, cache.kv,

@@ -143,7 +143,7 @@ def test_refit_is_seen_by_the_fused_step(models, ext):
 def test_not_applicable_models_use_the_torch_path(models):
     fn = FunctionalGPT(models["deepseek_v3_tiny"], max_seq=32)
     assert fn.fused_decode_reason() == "multi-latent attention"
-    assert fn._fused_decode_args() is None
+    assert fn.fused_decode_step() is None
 
 
 def test_failed_build_falls_back_with_a_warning(models, monkeypatch):
