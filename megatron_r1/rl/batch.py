@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from megatron_r1.models.prefix_attention import segment_mask, shared_prefix_mask  # noqa: F401 (re-export)
+# shared_prefix_mask: re-exported (it was defined here)
+from megatron_r1.models.prefix_attention import is_segment_mask, segment_mask, shared_prefix_mask  # noqa: F401
 
 
 @dataclass
@@ -80,12 +81,17 @@ class PolicyBatch:
     attention_mask: Optional[torch.Tensor] = None
     response_labels: Optional[torch.Tensor] = None  # [N, R] the response tokens (targets), shared-prefix rows
     answers_per_row: int = 1  # G in shared-prefix rows: answer i lives in row i // answers_per_row
-    segments: Optional[torch.Tensor] = None  # [rows, S] shared-prefix rows: 0 prompt, j answer j, -1 padding
 
-    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask", "segments")
+    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask")
 
     def __len__(self) -> int:
         return self.response_index.shape[0]
+
+    @property
+    def segments(self) -> Optional[torch.Tensor]:
+        """[rows, S] of shared-prefix rows (0 prompt, j answer j, -1 padding): a view of their segment mask;
+        None for causal rows."""
+        return self.attention_mask[:, 0, 0] if is_segment_mask(self.attention_mask) else None
 
     def rows(self, answers: int) -> int:
         """How many rows hold `answers` answers (the schedule's micro-batch size)."""
@@ -201,4 +207,4 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
         positions[i, : len(t)] = torch.tensor(ps)
         segments[i, : len(t)] = torch.tensor(sg)
     return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=segment_mask(segments),
-                       response_labels=targets, answers_per_row=g, segments=segments)
+                       response_labels=targets, answers_per_row=g)
