@@ -67,7 +67,7 @@ def main(argv=None):
     engine = Engine(model, max_batch_size=max_b, max_seq_len=args.prompt_len + args.new_tokens + 1)
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     reason = engine.fn.fused_decode_reason()
-    fused = reason is None and engine.fn.use_fused and engine.fn.fused_decode_step() is not None
+    fused = engine.fn.use_fused and engine.fn.fused_decode_step() is not None  # None where `reason` is set
     print("engine decode step: " + ("fused CPU step (csrc/cpu_decode.cpp)" if fused else
                                     f"torch ops ({reason or 'fused step off or not built'})"))
     for b in args.batches:

@@ -159,11 +159,16 @@ class _Layer:
             self.kv_norm = _norm_fn(attn.kv_layernorm, dtype)
 
 
+def _is_fp32_rmsnorm(mod) -> bool:
+    """Our RMSNorm module with an fp32 weight: what the hand-written norms (below, and the fused CPU step) cover."""
+    return type(mod) is RMSNorm and mod.weight.dtype == torch.float32
+
+
 def _norm_fn(mod, dtype):
     """x -> mod(x). Our fp32 RMSNorm as x * rsqrt(|x|^2 / d + eps) * w in three small ops plus two multiplies
     (torch's rms_norm runs eight on CPU, and norms were the costliest non-matmul op of a decode step); equal to
     the module up to rounding. Other modules and dtypes run the module itself."""
-    if type(mod) is RMSNorm and dtype == torch.float32 and mod.weight.dtype == torch.float32:
+    if dtype == torch.float32 and _is_fp32_rmsnorm(mod):
         w = mod.weight
         eps = torch.tensor(mod.eps, dtype=torch.float32, device=w.device)
         inv_d = 1.0 / w.shape[0]
@@ -519,7 +524,7 @@ class FunctionalGPT:
             return f"{self.dtype} on {self.embed_w.device.type}"
         norms = [m for layer in self.model.decoder.layers for m in (layer.input_layernorm, layer.pre_mlp_layernorm)]
         norms.append(self.model.decoder.final_layernorm)
-        if any(type(m) is not RMSNorm or m.weight.dtype != torch.float32 for m in norms):
+        if not all(_is_fp32_rmsnorm(m) for m in norms):
             return "a norm other than fp32 RMSNorm"
         if any(lyr.moe is not None for lyr in self.layers):
             return "mixture-of-experts layers"
