@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_r1.jit_ext import cache_root, ninja_on_path
+from megatron_r1.jit_ext import cache_root, csrc_dir, ninja_on_path
 
 log = logging.getLogger(__name__)
 EXT_NAME = "megatron_r1_cpu_decode"
 SOURCE = "cpu_decode.cpp"
 ENV_SWITCH = "MEGATRON_R1_CPU_DECODE"
-_PKG = Path(__file__).resolve().parents[1]
 
 _module = None
 _build_error = None
@@ -33,10 +32,7 @@ _lock = threading.Lock()
 
 def source_path() -> Path:
     """csrc/cpu_decode.cpp of the checkout, else the copy shipped inside the installed package."""
-    for cand in (_PKG.parent / "csrc" / SOURCE, _PKG / "csrc" / SOURCE):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"{SOURCE} not found in {_PKG.parent / 'csrc'} or {_PKG / 'csrc'}")
+    return csrc_dir([SOURCE]) / SOURCE
 
 
 def _cpu_key() -> bytes:
@@ -93,7 +89,7 @@ def available() -> bool:
         return False
     try:
         load()
-    except (OSError, RuntimeError, ImportError, FileNotFoundError) as e:
+    except (OSError, RuntimeError, ImportError) as e:  # FileNotFoundError (no source) is an OSError
         # cpp_extension raises RuntimeError on compiler / linker errors, OSError without a toolchain or ninja
         _build_error = e
         warnings.warn(f"megatron_r1 fused CPU decode unavailable, using the torch path: {e}", RuntimeWarning)

@@ -4,21 +4,19 @@ Nothing is compiled at import: `load()` builds (once per source version, cached 
 dispatcher asks only when a CUDA tensor meets these ops. The sources are looked up in the repository's csrc/
 and, for an installed package, in megatron_r1/csrc/ (shipped as package data).
 """
-import contextlib
 import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-from megatron_r1.jit_ext import cache_root, ninja_on_path
+from megatron_r1.jit_ext import cache_root, csrc_dir, ninja_on_path, patched_environ
 
 from .chunked import _zeros_like_or
 from .loss import KL_ESTIMATORS
 
 EXT_NAME = "megatron_r1_grpo_ops"
 SOURCES = ("grpo_ops.cpp", "grpo_ops_kernels.cu")
-_PKG = Path(__file__).resolve().parents[1]
 
 _module = None
 _build_error = None
@@ -26,10 +24,7 @@ _build_error = None
 
 def source_dir() -> Path:
     """The first directory holding every csrc/ source: the repository checkout, then the installed package."""
-    for cand in (_PKG.parent / "csrc", _PKG / "csrc"):
-        if all((cand / s).is_file() for s in SOURCES):
-            return cand
-    raise FileNotFoundError(f"CUDA sources {SOURCES} not found in {_PKG.parent / 'csrc'} or {_PKG / 'csrc'}")
+    return csrc_dir(SOURCES)
 
 
 def _cache_dir(src: Path) -> Path:
@@ -59,20 +54,6 @@ def build_env() -> dict:
     return env
 
 
-@contextlib.contextmanager
-def _patched_environ(extra: dict):
-    saved = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def load(verbose: bool = False, build_dir=None):
     """Compile (if needed) and import the extension; returns the module. Raises if the build fails."""
     global _module
@@ -84,7 +65,7 @@ def load(verbose: bool = False, build_dir=None):
     out = Path(build_dir) if build_dir is not None else _cache_dir(src)
     out.mkdir(parents=True, exist_ok=True)
     env = build_env()
-    with _patched_environ(env), ninja_on_path():
+    with patched_environ(env), ninja_on_path():
         home = os.environ.get("CUDA_HOME")
         if home and cpp_extension.CUDA_HOME != home:
             # cpp_extension resolves CUDA_HOME once, at import, from `which nvcc`; a wrapper script such as
