@@ -1,4 +1,8 @@
-"""Attacks on the code sandbox: each must be stopped, and the test process (the "trainer") must be unharmed."""
+"""Attacks on the code sandbox: each must be stopped, and the test process (the "trainer") must be unharmed.
+
+These run on the default path (isolated where the machine allows, see test_sandbox_isolation.py for the attacks
+on the filesystem view, stragglers and per-run quotas); tests of the unisolated layers pass `isolation="off"`.
+"""
 import os
 import resource
 import socket
@@ -7,22 +11,26 @@ from pathlib import Path
 
 import pytest
 
-from megatron_r1.rewards.sandbox import SandboxLimits, run_python, sandbox_capabilities
+from megatron_r1.rewards.sandbox import _UID_BASE, SandboxLimits, run_python, unisolated_capabilities
 
 # Wall limit generous enough for interpreter start-up on a loaded 2-core CI machine; CPU limits stop loops first.
 FAST = SandboxLimits(wall_seconds=8.0, cpu_seconds=2, memory_mb=256, max_processes=32, output_bytes=64 << 10)
-CAPS = sandbox_capabilities()
-needs_root_layers = pytest.mark.skipif(CAPS.drop_uid is None or not CAPS.network_namespace,
+CAPS = unisolated_capabilities()
+needs_root_layers = pytest.mark.skipif(not CAPS.per_run_uid or not CAPS.network_namespace,
                                        reason="uid drop and network namespace need root")
 
 
-def live_processes_of(uid: int) -> list[int]:
-    """Live processes owned by the sandbox uid (leftovers of a fork bomb would show up here; zombies excluded)."""
+def live_sandbox_processes() -> list[int]:
+    """Live processes owned by a sandbox uid (leftovers of a fork bomb would show up here; zombies excluded).
+
+    Runs as root, isolated or not, each have their own uid from _UID_BASE up.
+    """
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                owned = os.stat(f"/proc/{entry}").st_uid == uid
+                owner = os.stat(f"/proc/{entry}").st_uid
+                owned = owner >= _UID_BASE
                 state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except (FileNotFoundError, ProcessLookupError, IndexError):
                 continue
@@ -51,8 +59,8 @@ def test_fork_bomb_is_contained(audit_hook):
     r = run_python(bomb, "", FAST, audit_hook=audit_hook)
     assert r.returncode != 0
     assert time.monotonic() - start < FAST.wall_seconds + 10
-    if CAPS.drop_uid is not None:
-        assert live_processes_of(CAPS.drop_uid) == []  # every forked child was killed
+    if CAPS.per_run_uid:
+        assert live_sandbox_processes() == []  # every forked child was killed
     assert os.fork  # and we can still fork ourselves
     pid = os.fork()
     if pid == 0:
@@ -88,7 +96,7 @@ def test_writing_outside_its_directory_is_refused(tmp_path):
 @needs_root_layers
 def test_unprivileged_uid_cannot_write_our_files_even_without_the_hook():
     target = Path(__file__).with_name("escaped.txt")
-    r = run_python(f"open({str(target)!r}, 'w').write('pwned')", "", FAST, audit_hook=False)
+    r = run_python(f"open({str(target)!r}, 'w').write('pwned')", "", FAST, audit_hook=False, isolation="off")
     assert r.returncode != 0 and "PermissionError" in r.stderr and not target.exists()
 
 
@@ -101,7 +109,7 @@ def test_socket_cannot_reach_a_listening_server(audit_hook):
     port = server.getsockname()[1]
     try:
         program = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
-        r = run_python(program, "", FAST, audit_hook=audit_hook)
+        r = run_python(program, "", FAST, audit_hook=audit_hook, isolation="off")
         assert r.returncode != 0 and "connected" not in r.stdout
         with pytest.raises(socket.timeout):
             server.accept()  # nothing ever arrived
