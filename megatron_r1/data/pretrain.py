@@ -26,6 +26,20 @@ def _corrupt(solution: str, answer: str, rng: random.Random, offsets=DEFAULT_ERR
     return new_solution, str(wrong)
 
 
+def _guess_then_steps(sample: dict, steps: str, correct_fraction: float, reflect_fraction: float, offsets,
+                      rng: random.Random) -> tuple[str, str]:
+    """A quick guess at the whole expression, then, in `reflect_fraction` of the cases, "wait:" and the steps."""
+    if not re.fullmatch(r"\d+([+*-]\d+)+", sample["prompt"]):
+        raise ConfigError(f"pretrain_corpus: reflect_fraction needs a task whose prompt is an expression like "
+                          f"43+5-2 (demo_chain), got {sample['prompt']!r}")
+    answer = sample["answer"]
+    guess = answer if rng.random() < correct_fraction else str(int(answer) + rng.choice(offsets))
+    quick = f"{sample['prompt']}={guess}"
+    if rng.random() < reflect_fraction:
+        return f"{quick}, wait: {steps}", answer
+    return quick, guess
+
+
 def _broken(prompt_text: str, reasoning: str, answer: str, rng: random.Random) -> str:
     """One of the format mistakes RL should train away."""
     kind = rng.randrange(4)
@@ -40,7 +54,8 @@ def _broken(prompt_text: str, reasoning: str, answer: str, rng: random.Random) -
 
 def pretrain_corpus(task: str = "demo_arithmetic", num_samples: int = 10000, seed: int = 0,
                     correct_fraction: float = 0.5, broken_format_fraction: float = 0.1, template: str = "r1_zero",
-                    plain_fraction: float = 0.0, error_offsets=DEFAULT_ERROR_OFFSETS, **task_options) -> list[str]:
+                    plain_fraction: float = 0.0, error_offsets=DEFAULT_ERROR_OFFSETS, reflect_fraction: float = 0.0,
+                    split: str = "train", **task_options) -> list[str]:
     """`num_samples` full documents `template(prompt) + " <think> steps </think> <answer> N </answer>"`.
 
     `task` is a built-in task whose samples carry an integer `answer` and a short `solution` (demo_arithmetic,
@@ -53,9 +68,19 @@ def pretrain_corpus(task: str = "demo_arithmetic", num_samples: int = 10000, see
 
     A wrong answer is the right one plus one of `error_offsets` (default ±1..±10): `[-10, 10]` makes every slip a
     tens-digit slip, so the units digits stay a clean signal and the errors one systematic habit RL can unlearn.
+
+    `reflect_fraction` > 0 gives the corpus two modes, for a task whose prompt is an expression (demo_chain):
+    every reasoning opens with a quick guess at the whole expression ("43+5-2=56"), right with probability
+    `correct_fraction` (else off by one of `error_offsets`). In `reflect_fraction` of the documents the writer
+    then says "wait:" and works the steps out ("43+5=48, 48-2=46"), answering their (right) result; the others
+    answer the guess. Long reasoning is then usually right and short reasoning often wrong, so a reward for the
+    right answer alone pays for thinking longer.
+
+    `split="test"` writes the same kind of documents about held-out problems (for a held-out loss); pre-training
+    uses the default, "train", so held-out evaluation problems are never seen.
     """
     for name, value in (("correct_fraction", correct_fraction), ("broken_format_fraction", broken_format_fraction),
-                        ("plain_fraction", plain_fraction)):
+                        ("plain_fraction", plain_fraction), ("reflect_fraction", reflect_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"pretrain_corpus: {name} must be in [0, 1], got {value}")
     offsets = tuple(error_offsets)
@@ -63,14 +88,16 @@ def pretrain_corpus(task: str = "demo_arithmetic", num_samples: int = 10000, see
         raise ConfigError(f"pretrain_corpus: error_offsets must be a non-empty list of non-zero integers, got "
                           f"{error_offsets!r}")
     tmpl = get_template(template)
-    samples = generate(task, num_samples=num_samples, seed=seed, split="train", **task_options)
+    samples = generate(task, num_samples=num_samples, seed=seed, split=split, **task_options)
     rng = random.Random(f"pretrain:{task}:{seed}")
     docs = []
     for s in samples:
         if "solution" not in s or not re.fullmatch(r"-?\d+", s.get("answer", "")):
             raise ConfigError(f"pretrain_corpus: task {task!r} samples need an integer answer and a solution")
         reasoning, answer = s["solution"].replace("\n", " "), s["answer"]
-        if rng.random() >= correct_fraction:
+        if reflect_fraction:
+            reasoning, answer = _guess_then_steps(s, reasoning, correct_fraction, reflect_fraction, offsets, rng)
+        elif rng.random() >= correct_fraction:
             reasoning, answer = _corrupt(reasoning, answer, rng, offsets)
         prompt_text = tmpl.format(s["prompt"])
         if plain_fraction and rng.random() < plain_fraction:

@@ -137,6 +137,36 @@ def demo_arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train"
     return _draw("demo_arithmetic", split, num_samples, seed, test_fraction, make, unique)
 
 
+@register_task("demo_chain")
+def demo_chain(num_samples: int = 1000, seed: int = 0, split: str = "train", num_terms: int = 3,
+               test_fraction: float = 0.2, unique: bool = False) -> list[dict]:
+    """A two-digit number followed by one-digit steps, no carry or borrow anywhere ("43+5-2"): the demo's task
+    where writing the steps pays.
+
+    Each step alone is what the ~7M-parameter demo model learns reliably (copy the tens digit, add or subtract
+    the units); the whole chain in one go is not. `solution` is the steps written out ("43+5=48, 48-2=46").
+    With 3 terms the space holds 7,290 problems, so a held-out split of hundreds is easy to draw.
+    """
+    if not 2 <= num_terms <= 5:
+        raise ConfigError(f"builtin:demo_chain: num_terms must be 2..5, got {num_terms}")
+
+    def make(rng):
+        value = 10 * rng.randint(1, 9) + rng.randint(0, 9)
+        prompt, steps = str(value), []
+        for _ in range(num_terms - 1):
+            units = value % 10
+            # Only steps that keep the units digit in 0..9; a units digit of 0 can only go up, 9 only down.
+            op = "+" if units == 0 else "-" if units == 9 else rng.choice("+-")
+            d = rng.randint(1, 9 - units) if op == "+" else rng.randint(1, units)
+            new = value + d if op == "+" else value - d
+            steps.append(f"{value}{op}{d}={new}")
+            prompt += f"{op}{d}"
+            value = new
+        return prompt, {"prompt": prompt, "answer": str(value), "solution": ", ".join(steps)}
+
+    return _draw("demo_chain", split, num_samples, seed, test_fraction, make, unique)
+
+
 @register_task("arithmetic")
 def arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train", difficulty: int = 2,
                test_fraction: float = 0.1, unique: bool = False) -> list[dict]:

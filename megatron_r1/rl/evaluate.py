@@ -89,16 +89,17 @@ def main(argv: list[str]) -> int:
     if ckpt is None:
         raise CheckpointError(f"{args.load}: no checkpoint found (no `latest` file)")
     config_path = args.config or (Path(ckpt) / "config.yaml")
-    cfg = load_config(config_path, args.overrides)
+    # The weights come from --load, so does the tokenizer unless the config or an override names one.
+    cfg = load_config(config_path, ["checkpoint.save=null", f"checkpoint.load={args.load}", *args.overrides])
     init_parallel(cfg.parallel, cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
     load_model_only(model, args.load)
     model.eval()
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     source = args.dataset or cfg.data.eval_source or cfg.data.source
-    options = dict(cfg.data.options)
-    if args.num_problems is not None:
-        options["num_samples"] = args.num_problems
+    options = dict(cfg.data.options) if source == (cfg.data.eval_source or cfg.data.source) else {}
+    if args.num_problems is not None and source.startswith("builtin:"):
+        options["num_samples"] = args.num_problems  # generate only what is used; files are cut below
     samples = load_dataset(source, field_map=cfg.data.field_map or None, split=args.split, **options)
     if args.num_problems is not None:
         samples = samples[: args.num_problems]
@@ -107,7 +108,8 @@ def main(argv: list[str]) -> int:
     max_new = args.max_new_tokens or cfg.rl.max_response_length
     engine = Engine(model, tokenizer=tokenizer, max_batch_size=gen.max_batch_size,
                     max_seq_len=cfg.rl.max_prompt_length + max_new + 1)
-    result = evaluate(engine, tokenizer, get_template(cfg.data.template), samples, args.k, gen, max_new, args.seed)
+    result = evaluate(engine, tokenizer, get_template(cfg.data.template, tokenizer), samples, args.k, gen, max_new,
+                      args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
