@@ -1,4 +1,5 @@
-"""One sink for a run's scalars: tensorboard events, a `metrics.jsonl` (for plots and tests), the console.
+"""One sink for a run's scalars: tensorboard events, a `metrics.jsonl` (for plots and tests), the console, and
+Weights & Biases when asked (`logging.wandb`, see wandb_sink.py).
 
 Only the logging rank writes (see ParallelContext.is_logging_rank); other ranks get a logger that drops
 everything, so callers never branch on rank.
@@ -43,12 +44,15 @@ def _scalar(v) -> Optional[float]:
 class MetricsLogger:
     """Write scalars to tensorboard and `run_dir/metrics.jsonl`; `enabled=False` makes every call a no-op."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = ""):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, prefix: str = "",
+                 wandb: bool = False, wandb_project: str = "megatron-r1", wandb_mode: str = "offline",
+                 run_config: Optional[dict] = None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.prefix = prefix
         self._tb = None
         self._jsonl = None
+        self._wandb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +61,20 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if wandb:
+            from megatron_r1.logging.wandb_sink import open_wandb
+
+            self._wandb = open_wandb(self.run_dir, wandb_project, wandb_mode, run_config)
+
+    @classmethod
+    def from_config(cls, cfg, enabled: bool = True) -> "MetricsLogger":
+        """The sinks `cfg.logging` asks for; wandb also receives the whole run config."""
+        from megatron_r1.config import to_dict
+
+        lg = cfg.logging
+        return cls(lg.run_dir, enabled=enabled, tensorboard=lg.tensorboard, wandb=lg.wandb,
+                   wandb_project=lg.wandb_project, wandb_mode=lg.wandb_mode,
+                   run_config=to_dict(cfg) if lg.wandb else None)
 
     def log(self, step: int, metrics: Mapping[str, object]) -> dict:
         """Record every scalar in `metrics` at `step`; returns the plain-float dict that was written."""
@@ -70,6 +88,8 @@ class MetricsLogger:
         for k, f in clean.items():
             if self._tb is not None and math.isfinite(f):
                 self._tb.add_scalar(k, f, step)
+        if self._wandb is not None:
+            self._wandb.log(step, clean)
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         return clean
 
@@ -85,6 +105,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

@@ -19,7 +19,7 @@ import torch
 
 from . import _tp
 from .loss import PolicyLossConfig, aggregation_weights, policy_metrics, tis_weights, token_terms
-from .reference import grpo_policy_loss
+from .reference import policy_loss_from_config
 
 # Bytes of fp32 logits per chunk. Large enough that grad_weight += gᵀ·h amortizes its read-modify-write of
 # grad_weight over many tokens, small enough to stay far below the [T, V] buffers naive torch holds.
@@ -225,7 +225,7 @@ def _check_temperature(temperature):
 
 class _FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, tp_group, rows, chunk_tokens, token_grad):
+    def forward(ctx, hidden, weight, tokens, temperature, tp_group, rows, chunk_tokens, token_grad, want_ent=False):
         t = hidden.shape[0]
         inv_temp = 1.0 / temperature
         ops = _Operands(weight)
@@ -235,19 +235,22 @@ class _FusedPolicyLoss(torch.autograd.Function):
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         logp = torch.empty(t, device=hidden.device)
+        ent = torch.empty(t, device=hidden.device) if want_ent else None
         loss = torch.zeros((), device=hidden.device)
         buf = ops.chunk_buffer(c, weight.shape[0], hidden.device)
         for s in range(0, t, c):
             e = min(s + c, t)
             h = hidden[s:e]
             x = ops.logits(h, inv_temp, buf)
-            lse_c, tgt_c, _, state = _chunk_stats(rows, x, tokens[s:e], start, 1.0, False, tp_group)
+            lse_c, tgt_c, ent_c, state = _chunk_stats(rows, x, tokens[s:e], start, 1.0, want_ent, tp_group)
             logp[s:e] = tgt_c - lse_c
+            if want_ent:
+                ent[s:e] = ent_c
             loss_c, g_c = token_grad(logp[s:e], s, e)
             loss += loss_c
             if not (want_h or want_w):
                 continue
-            gx = rows.grad_after_stats_(x, state, tokens[s:e], start, 1.0, lse_c, None, g_c, None)
+            gx = rows.grad_after_stats_(x, state, tokens[s:e], start, 1.0, lse_c, ent_c, g_c, None)
             if want_h:
                 ops.grad_hidden_(grad_h[s:e], gx, inv_temp)
             if want_w:
@@ -256,68 +259,82 @@ class _FusedPolicyLoss(torch.autograd.Function):
             _tp.all_reduce_(grad_h, tp_group)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(logp)
-        return loss, logp
+        if ent is None:
+            ent = torch.empty(0, device=hidden.device)
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
 
     @staticmethod
-    def backward(ctx, g_loss, _g_logp):
+    def backward(ctx, g_loss, _g_logp, _g_ent):
         grad_h, grad_w = ctx.saved_tensors
         # in place: the buffers are ours and backward runs once; a copy of grad_w would be weight-sized
         if grad_h is not None:
             grad_h = grad_h.mul_(g_loss).to(ctx.dtypes[0])
         if grad_w is not None:
             grad_w = grad_w.mul_(g_loss).to(ctx.dtypes[1])
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
-def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, ref_logprobs=None, clip_low=0.2,
-                      clip_high=0.2, kl_coef=0.0, kl_estimator="k3", loss_agg="seq-mean-token-mean",
-                      ratio_level="token", behavior_logprobs=None, tis_cap=None, temperature=1.0, tp_group=None,
-                      *, rows, chunk_tokens=None):
-    """GRPO loss straight from hidden states [B, L, H] and tokens [B, L]; returns (loss, metrics).
+def fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, cfg: PolicyLossConfig,
+                      ref_logprobs=None, behavior_logprobs=None, temperature=1.0, tp_group=None, *, rows,
+                      chunk_tokens=None, return_entropy=False):
+    """Policy loss straight from hidden states [B, L, H] and tokens [B, L]; returns (loss, metrics), and the
+    per-token entropy [B, L] (no gradient) with `return_entropy`.
 
-    Same semantics as grpo_policy_loss(token_logprobs(...), ...), metrics included.
+    Same semantics as policy_loss_from_config(token_logprobs(...), ...), metrics included. Every token-level
+    loss (clip, dual_clip, cispo) is fused; a sequence-level ratio (gspo) takes the composed path.
+    `old_logprobs=None` means on-policy (old = the log-probs being computed, detached: ratio 1, as a trainer with
+    one mini-batch per rollout uses), which the chunked pass can do because each chunk's log-probs are known
+    before its gradient.
     """
-    cfg = PolicyLossConfig(clip_low, clip_high, kl_coef, kl_estimator, loss_agg, ratio_level, tis_cap)
     _check_temperature(temperature)
     b, l = tokens.shape
     flat_h = hidden.reshape(b * l, hidden.shape[-1])
     flat_tok = tokens.reshape(-1)
-    if cfg.ratio_level == "sequence":
+    if cfg.sequence_ratio:
         # a sequence ratio couples every token of an answer, so no token's gradient is known chunk by chunk
-        logp = token_logprobs(flat_h, weight, flat_tok, temperature, False, tp_group, rows=rows,
-                              chunk_tokens=chunk_tokens).view(b, l)
-        return grpo_policy_loss(logp, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high, kl_coef,
-                                kl_estimator, loss_agg, ratio_level, behavior_logprobs, tis_cap)
+        out = token_logprobs(flat_h, weight, flat_tok, temperature, return_entropy, tp_group, rows=rows,
+                             chunk_tokens=chunk_tokens)
+        logp, ent = out if return_entropy else (out, None)
+        logp = logp.view(b, l)
+        old_logprobs = logp.detach() if old_logprobs is None else old_logprobs
+        res = policy_loss_from_config(logp, old_logprobs, advantages, mask, cfg, ref_logprobs, behavior_logprobs)
+        return (*res, ent.detach().view(b, l)) if return_entropy else res
     cfg.check_inputs(ref_logprobs, behavior_logprobs)
     mask = mask.bool()
-    old = old_logprobs.float().reshape(-1)
+    old = None if old_logprobs is None else old_logprobs.float().reshape(-1)
     adv = advantages.float()[:, None].expand(b, l).reshape(-1)
     m = mask.reshape(-1)
     ref = ref_logprobs.float().reshape(-1) if ref_logprobs is not None else None
-    tis = tis_weights(old_logprobs, behavior_logprobs, mask, tis_cap).reshape(-1) if tis_cap is not None else None
-    w = aggregation_weights(mask, cfg.loss_agg).reshape(-1)
+    tis = None
+    if cfg.tis_cap is not None:
+        # known before any log-prob of this pass (it compares old and behaviour log-probs), at either level
+        tis = tis_weights(old_logprobs, behavior_logprobs, mask, cfg.tis_cap, cfg.tis_level).reshape(-1)
+    w = aggregation_weights(mask, cfg.loss_agg, cfg.max_response_length).reshape(-1)
     zero = torch.zeros((), device=hidden.device)
 
     def token_grad(logp_c, s, e):
         with torch.enable_grad():
             lp = logp_c.detach().requires_grad_(True)
             mk = m[s:e]
-            per_token, _, _ = token_terms(torch.where(mk, lp - old[s:e], zero), adv[s:e], mk, cfg, lp,
+            old_c = lp.detach() if old is None else old[s:e]
+            per_token, _, _ = token_terms(torch.where(mk, lp - old_c, zero), adv[s:e], mk, cfg, lp,
                                           None if ref is None else ref[s:e], None if tis is None else tis[s:e])
             total = (torch.where(mk, per_token, zero) * w[s:e]).sum()
             (g,) = torch.autograd.grad(total, lp)
         return total.detach(), g
 
-    loss, logp = _FusedPolicyLoss.apply(flat_h, weight, flat_tok, float(temperature), tp_group, rows,
-                                        chunk_tokens, token_grad)
+    loss, logp, ent = _FusedPolicyLoss.apply(flat_h, weight, flat_tok, float(temperature), tp_group, rows,
+                                             chunk_tokens, token_grad, bool(return_entropy))
     logp = logp.view(b, l)
+    if old_logprobs is None:
+        old_logprobs = logp
     with torch.no_grad():
         log_ratio = torch.where(mask, logp - old_logprobs.float(), zero)
         _, ratio, kl = token_terms(log_ratio, advantages.float()[:, None], mask, cfg, logp,
                                    None if ref_logprobs is None else ref_logprobs.float())
         metrics = policy_metrics(ratio, advantages.float()[:, None].expand(b, l), mask, cfg, kl)
-    return loss, metrics
+    return (loss, metrics, ent.view(b, l)) if return_entropy else (loss, metrics)
 
 
 def _zeros_like_or(g, like):

@@ -132,7 +132,7 @@ class CudaRows:
 
 
 def group_advantages(rewards, group_size, scale="std", eps=1e-6):
-    """CUDA group advantages; same contract as reference.group_advantages."""
+    """CUDA group advantages with the population std (÷G); reference.group_advantages(..., std="population")."""
     if scale not in ("std", "none"):
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
     return load().group_advantages(rewards, int(group_size), scale == "std", float(eps))

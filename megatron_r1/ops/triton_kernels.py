@@ -107,7 +107,8 @@ class TritonRows:
 
 
 @triton.jit
-def _group_adv_kernel(r_ptr, out_ptr, G, eps, USE_STD: tl.constexpr, BLOCK_G: tl.constexpr):
+def _group_adv_kernel(r_ptr, out_ptr, G, eps, USE_STD: tl.constexpr, SAMPLE_STD: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
     grp = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, BLOCK_G)
     valid = idx < G
@@ -115,20 +116,29 @@ def _group_adv_kernel(r_ptr, out_ptr, G, eps, USE_STD: tl.constexpr, BLOCK_G: tl
     mean = tl.sum(r, 0) / G
     d = tl.where(valid, r - mean, 0.0)
     if USE_STD:
-        d = d / (tl.sqrt(tl.sum(d * d, 0) / G) + eps)
+        ss = tl.sum(d * d, 0)
+        if SAMPLE_STD:
+            var = ss / (G - 1)
+        else:
+            var = ss / G
+        d = d / (tl.sqrt(var) + eps)
     tl.store(out_ptr + grp * G + idx, d, mask=valid)
 
 
-def group_advantages(rewards, group_size, scale="std", eps=1e-6):
+def group_advantages(rewards, group_size, scale="std", eps=1e-6, std="population"):
     """Triton group advantages; same contract as reference.group_advantages."""
     if scale not in ("std", "none"):
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+    if std not in ("population", "sample"):
+        raise ValueError(f"std must be 'population' or 'sample', got {std!r}")
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if scale == "std" and std == "sample" and group_size == 1:
+        raise ValueError("the sample std of a group of one answer is undefined (see AdvantageOptions.singleton)")
     r = rewards.contiguous().view(-1)
     out = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     groups = r.numel() // group_size
     if groups:
         _group_adv_kernel[(groups,)](r, out, group_size, float(eps), USE_STD=scale == "std",
-                                    BLOCK_G=triton.next_power_of_2(group_size))
+                                    SAMPLE_STD=std == "sample", BLOCK_G=triton.next_power_of_2(group_size))
     return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -81,8 +81,13 @@ class PolicyBatch:
     attention_mask: Optional[torch.Tensor] = None
     response_labels: Optional[torch.Tensor] = None  # [N, R] the response tokens (targets), shared-prefix rows
     answers_per_row: int = 1  # G in shared-prefix rows: answer i lives in row i // answers_per_row
+    row_lengths: Optional[torch.Tensor] = None  # [rows] input columns holding real tokens (the rest is padding)
+    pad_multiple: int = 1  # the input length stays a multiple of this (sequence parallelism splits it)
+    # a micro-batch's weight in its mini-batch's loss (set by rl.policy_forward.micro_batches): its share of the
+    # aggregation's units (tokens / answers) × the number of micro-batches, which the schedule divides by
+    loss_scale: float = 1.0
 
-    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask")
+    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask", "row_lengths")
 
     def __len__(self) -> int:
         return self.response_index.shape[0]
@@ -91,7 +96,8 @@ class PolicyBatch:
     def segments(self) -> Optional[torch.Tensor]:
         """[rows, S] of shared-prefix rows (0 prompt, j answer j, -1 padding): a view of their segment mask;
         None for causal rows."""
-        return self.attention_mask[:, 0, 0] if is_segment_mask(self.attention_mask) else None
+        m = self.attention_mask
+        return m[:, 0, 0] if m is not None and is_segment_mask(m) else None
 
     def rows(self, answers: int) -> int:
         """How many rows hold `answers` answers (the schedule's micro-batch size)."""
@@ -104,11 +110,50 @@ class PolicyBatch:
         if start % k or end % k:
             raise ValueError(f"PolicyBatch.slice({start}, {end}): shared-prefix rows hold {k} answers each; slices "
                              f"must cover whole groups")
-        out = {}
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             t = getattr(self, f.name)
             if isinstance(t, torch.Tensor):
                 out[f.name] = t[start // k: end // k] if f.name in self.ROW_FIELDS else t[start:end]
+        return dataclasses.replace(self, **out)
+
+    def take(self, rows: list) -> "PolicyBatch":
+        """The rows at `rows` (any order) with their answers: how token-budget micro-batches regroup a batch."""
+        k = self.answers_per_row
+        row_idx = torch.as_tensor(rows, dtype=torch.long)
+        ans_idx = (row_idx[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if isinstance(t, torch.Tensor):
+                out[f.name] = t[row_idx] if f.name in self.ROW_FIELDS else t[ans_idx]
+        return dataclasses.replace(self, **out)
+
+    def padded_lengths(self) -> torch.Tensor:
+        """[rows] input columns each row needs (its real tokens); the width of the batch is what it pays."""
+        if self.row_lengths is not None:
+            return self.row_lengths
+        return torch.full((self.tokens.shape[0],), self.tokens.shape[1], dtype=torch.long)
+
+    def trimmed(self) -> "PolicyBatch":
+        """The same batch without the padding columns no row of it needs: inputs cut to the longest row (rounded
+        up to `pad_multiple`), response tensors to the longest response. Causal and shared-prefix attention both
+        read only earlier columns, so every kept position's log-prob is unchanged."""
+        s = self.tokens.shape[1]
+        if self.row_lengths is not None and len(self.row_lengths):
+            s = min(s, _padded_length(max(1, int(self.row_lengths.max())), self.pad_multiple))
+        r = max(1, int(self.response_mask.sum(-1).max())) if len(self) else self.response_mask.shape[1]
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if not isinstance(t, torch.Tensor) or f.name == "row_lengths":
+                continue
+            if f.name == "attention_mask":
+                out[f.name] = t[..., :s] if is_segment_mask(t) else t[..., :s, :s]
+            elif f.name in self.ROW_FIELDS:
+                out[f.name] = t[:, :s]
+            else:
+                out[f.name] = t[:, :r] if t.dim() == 2 else t
         return dataclasses.replace(self, **out)
 
     def to(self, device) -> "PolicyBatch":
@@ -156,7 +201,8 @@ def collate(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = N
         index[i, :k] = torch.arange(len(p) - 1, len(p) - 1 + k)
     tokens, labels = full[:, :-1].contiguous(), full[:, 1:].contiguous()
     pos = torch.arange(s_len - 1).unsqueeze(0).expand(n, -1).contiguous()
-    return PolicyBatch(tokens, labels, pos, index, mask, adv, behav)
+    lengths = torch.tensor([len(x) - 1 for x in seqs], dtype=torch.long)
+    return PolicyBatch(tokens, labels, pos, index, mask, adv, behav, row_lengths=lengths, pad_multiple=pad_multiple)
 
 
 def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = None,
@@ -207,4 +253,6 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
         positions[i, : len(t)] = torch.tensor(ps)
         segments[i, : len(t)] = torch.tensor(sg)
     return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=segment_mask(segments),
-                       response_labels=targets, answers_per_row=g)
+                       response_labels=targets, answers_per_row=g,
+                       row_lengths=torch.tensor([len(t) for t, _, _ in rows], dtype=torch.long),
+                       pad_multiple=pad_multiple)

@@ -20,7 +20,8 @@ from megatron_r1.errors import ConfigError
 from megatron_r1.logging import get_logger
 from megatron_r1.parallel import init_parallel
 from megatron_r1.rl.batch import RolloutBatch, collate, collate_shared_prefix
-from megatron_r1.rl.policy_forward import compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches
+from megatron_r1.rl.policy_forward import (compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches,
+                                           padding_fraction, plan_micro_batches)
 from megatron_r1.rl.rollout import informative_groups, reflection_rate, sample_group_rollouts, score_rollouts
 from megatron_r1.training.lm_data import EpochOrder
 from megatron_r1.training.loop import resume_or_init, run_loop
@@ -104,14 +105,31 @@ def on_device(model, offload: bool):
         yield model
 
 
-def group_advantages_for(batch: RolloutBatch, scale: str) -> torch.Tensor:
-    from megatron_r1.ops import group_advantages
+def advantages_for(batch: RolloutBatch, rl, dp_group=None) -> torch.Tensor:
+    """Advantages [N] by `rl.advantage_estimator` with the configured std, eps and groups-of-one rule; the
+    REINFORCE++ batch normalisation weighs answers by their response tokens and spans every DP rank."""
+    from megatron_r1.ops import AdvantageOptions, compute_advantages
 
-    return group_advantages(batch.rewards, batch.group_size, scale=scale)
+    opts = AdvantageOptions(std=rl.advantage_std, eps=rl.advantage_eps, singleton=rl.singleton_advantage)
+    lengths = torch.tensor([len(r) for r in batch.response_tokens], dtype=torch.float32)
+    return compute_advantages(batch.rewards, batch.group_size, rl.advantage_estimator, opts, lengths, dp_group)
+
+
+CONVENTION_FIELDS = ("advantage_estimator", "advantage_std", "advantage_eps", "singleton_advantage", "policy_loss",
+                     "loss_agg", "max_response_length", "clip_low", "clip_high", "clip_ratio_c", "kl_coef",
+                     "kl_estimator", "kl_clamp", "tis_cap", "tis_on_kl", "tis_level", "dynamic_sampling")
+
+
+def conventions(cfg: Config) -> dict:
+    """Every choice that makes this GRPO differ from another (docs/rl_conventions.md), as logged at start."""
+    out = {f"rl.{k}": getattr(cfg.rl, k) for k in CONVENTION_FIELDS}
+    out["training.micro_batch_size"] = cfg.training.micro_batch_size
+    out["training.max_tokens_per_micro_batch"] = cfg.training.max_tokens_per_micro_batch
+    return out
 
 
 def collect_rollouts(engine, tokenizer, template, sampler: PromptSampler, state, cfg: Config, rewards, timer: Timer,
-                     dp_rank: int, dp_size: int) -> tuple[RolloutBatch, dict]:
+                     dp_rank: int, dp_size: int, dp_group=None) -> tuple[RolloutBatch, dict]:
     """B prompts × G answers for this DP rank, scored; with dynamic sampling, uninformative groups are replaced by
     fresh prompts (up to `max_refill_rounds`)."""
     rl = cfg.rl
@@ -145,7 +163,7 @@ def collect_rollouts(engine, tokenizer, template, sampler: PromptSampler, state,
             kept.append(batch)
             have += want
     batch = RolloutBatch.concat(kept) if len(kept) > 1 else kept[0]
-    batch.advantages = group_advantages_for(batch, rl.advantage_scale)
+    batch.advantages = advantages_for(batch, rl, dp_group)
     return batch, counters
 
 
@@ -169,7 +187,9 @@ def build_engine(cfg: Config, policy_model, tokenizer):
     max_len = cfg.rl.max_prompt_length + cfg.rl.max_response_length + 1
     return Engine(policy_model, tokenizer=tokenizer,
                   max_batch_size=min(cfg.generation.max_batch_size, cfg.rl.prompts_per_step * cfg.rl.group_size),
-                  max_seq_len=max_len)
+                  max_seq_len=max_len, cuda_graphs=cfg.generation.cuda_graphs, kv_cache=cfg.generation.kv_cache,
+                  kv_block_size=cfg.generation.kv_block_size, kv_cache_blocks=cfg.generation.kv_cache_blocks,
+                  kv_cache_memory_gb=cfg.generation.kv_cache_memory_gb)
 
 
 def check_shared_prefix(cfg: Config, dp_size: int) -> None:
@@ -180,10 +200,20 @@ def check_shared_prefix(cfg: Config, dp_size: int) -> None:
     rl = cfg.rl
     if not rl.shared_prefix:
         return
-    if uses_transformer_engine():
-        raise ConfigError("rl.shared_prefix: needs the local attention module (arbitrary attention masks); with "
-                          "Transformer Engine installed on a GPU the TE spec is used, whose handling of such masks "
-                          "is not verified; set rl.shared_prefix=false")
+    if uses_transformer_engine(cfg.model):
+        # Why not TE (read in megatron-core 0.16.1 and TE 2.20.2): Megatron's GPT specs build attention with
+        # attn_mask_type=causal, and TEDotProductAttention hands TE that type, for which TE takes no mask, so
+        # the answers of a packed row would see each other; TE's "arbitrary" mask type runs only on its unfused
+        # backend, which materialises the [b, h, S, S] scores that the packed layout exists to avoid.
+        p, l, g = rl.max_prompt_length, rl.max_response_length, rl.group_size
+        raise ConfigError(
+            "rl.shared_prefix: needs the local core attention (block attention over [prompt, answer_1..G] rows); "
+            "the Transformer Engine spec (model.transformer_impl resolves to transformer_engine here) builds "
+            "attention with attn_mask_type=causal, for which TE ignores the mask, and TE's arbitrary masks run "
+            "only on its unfused [S, S] backend. Set rl.shared_prefix=false (one padded row per answer: up to "
+            f"{g}x({p}+{l}) = {g * (p + l)} tokens per group through the update instead of {p}+{g}x{l} = "
+            f"{p + g * l}, x{g * (p + l) / (p + g * l):.2f}; a 1.9x slower step in docs/bench_grpo_step.md) or "
+            "model.transformer_impl=local / te_standin")
     mini_per_rank = rl.mini_batch_size // dp_size
     if mini_per_rank % rl.group_size:
         raise ConfigError(f"rl.mini_batch_size: {rl.mini_batch_size} answers over {dp_size} data-parallel ranks is "
@@ -207,9 +237,12 @@ def run_grpo(cfg: Config) -> dict:
         raise ConfigError(f"rl.prompts_per_step: {rl.prompts_per_step} is not divisible by the data-parallel size "
                           f"{ctx.dp_size}")
     check_shared_prefix(cfg, ctx.dp_size)
+    if ctx.is_logging_rank:
+        log.info("GRPO conventions (docs/rl_conventions.md): %s",
+                 ", ".join(f"{k}={v}" for k, v in conventions(cfg).items()))
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     check_vocab(cfg, tokenizer)
-    template = get_template(cfg.data.template)
+    template = get_template(cfg.data.template, tokenizer)
     prompts = load_dataset(cfg.data.source, field_map=cfg.data.field_map or None, split="train",
                            skip_bad_rows=cfg.data.skip_bad_rows, **cfg.data.options)
     rewards = CombinedReward([RewardSpec(r.name, r.weight, dict(r.options)) for r in cfg.rewards])
@@ -226,7 +259,12 @@ def run_grpo(cfg: Config) -> dict:
         reference = build_reference(cfg, policy, fresh_start=state.step == 0, init_rng=init_rng)
     engine = build_engine(cfg, policy, tokenizer)
     sampler = PromptSampler(prompts, t.seed)
-    mbs = t.micro_batch_size
+    mbs, max_tokens = t.micro_batch_size, t.max_tokens_per_micro_batch
+    dp_group = None
+    if ctx.dp_size > 1:
+        from megatron.core import parallel_state as ps
+
+        dp_group = ps.get_data_parallel_group()
     # On-policy shortcut: with one epoch over one mini-batch the "old" policy is the current one, so the trainer's
     # recompute equals the gradient pass's own log-probs (ratio = 1 exactly); skip that extra forward.
     need_old = rl.ppo_epochs > 1 or mini_per_rank < answers_per_rank
@@ -234,17 +272,19 @@ def run_grpo(cfg: Config) -> dict:
     def one_step(state) -> dict:
         timer = Timer()
         batch, counters = collect_rollouts(engine, tokenizer, template, sampler, state, cfg, rewards, timer,
-                                           ctx.dp_rank, ctx.dp_size)
+                                           ctx.dp_rank, ctx.dp_size, dp_group)
         metrics = rollout_metrics(batch, cfg)
         # Sequence parallelism splits the sequence over the TP ranks: pad it to a multiple of TP.
         pb = (collate_shared_prefix if rl.shared_prefix else collate)(batch, tokenizer.pad_id, max_response=None,
                                                                        pad_multiple=ctx.tp_size)
         with timer("logprobs"):
             if need_old:
-                pb.old_logprobs = compute_logprobs(state.model, pb, mbs, cfg.generation.temperature, ctx.device)
+                pb.old_logprobs = compute_logprobs(state.model, pb, mbs, cfg.generation.temperature, ctx.device,
+                                                   max_tokens)
             if reference is not None:
                 with on_device(reference, rl.reference_offload):
-                    pb.ref_logprobs = compute_logprobs([reference], pb, mbs, cfg.generation.temperature, ctx.device)
+                    pb.ref_logprobs = compute_logprobs([reference], pb, mbs, cfg.generation.temperature, ctx.device,
+                                                       max_tokens)
         n = len(pb)
         step_metrics: list[dict] = []
         skipped = 0
@@ -252,16 +292,16 @@ def run_grpo(cfg: Config) -> dict:
             for _ in range(rl.ppo_epochs):
                 for start in range(0, n, mini_per_rank):
                     mini = pb.slice(start, min(n, start + mini_per_rank))
-                    n_micro = math.ceil(len(mini) / mbs)
-                    token_scale = None
-                    if rl.loss_agg == "token-mean":
-                        token_scale = float(mini.response_mask.sum()) / n_micro
+                    plan = plan_micro_batches(mini, mbs, max_tokens)
                     with hidden_mode(state.model):
-                        result = train_step(state, make_policy_loss_step(rl, cfg.generation.temperature, token_scale),
-                                            micro_batches(mini, mbs, ctx.device), n_micro, mini.tokens.shape[1],
-                                            mini.rows(mbs))
+                        # no pipeline in RL, so the schedule's sequence length / micro-batch size are nominal
+                        result = train_step(state, make_policy_loss_step(rl, cfg.generation.temperature),
+                                            micro_batches(mini, mbs, ctx.device, rl.loss_agg, plan=plan), len(plan),
+                                            mini.tokens.shape[1], mini.rows(mbs))
                     skipped += int(result.skipped)
-                    step_metrics.append({"grad_norm": result.grad_norm, "lr": result.lr, **result.metrics})
+                    step_metrics.append({"grad_norm": result.grad_norm, "lr": result.lr,
+                                         "padding_fraction": padding_fraction(mini, plan),
+                                         "micro_batches": float(len(plan)), **result.metrics})
         with timer("refit"):
             engine.refit()
         state.step += 1

@@ -75,7 +75,8 @@ def test_group_advantages_gpu(monkeypatch, backend):
 
 @pytest.mark.parametrize("kw", [dict(), dict(kl_coef=0.1, kl_estimator="k1", loss_agg="token-mean"),
                                 dict(kl_coef=0.1, kl_estimator="k2", tis_cap=1.5),
-                                dict(kl_coef=0.04, loss_agg="seq-mean-token-sum-norm", clip_high=0.28)])
+                                dict(kl_coef=0.04, loss_agg="seq-mean-token-sum-norm", clip_high=0.28,
+                                     max_response_length=40)])
 def test_policy_loss_cuda(monkeypatch, kw):
     g = torch.Generator(device="cuda").manual_seed(1)
     b, l = 6, 33

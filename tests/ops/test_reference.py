@@ -71,7 +71,7 @@ def test_loss_aggregations_and_empty_rows():
     }
     for agg, expected in cases.items():
         x = lp.clone().requires_grad_(True)
-        loss, metrics = R.grpo_policy_loss(x, old, adv, mask, loss_agg=agg)
+        loss, metrics = R.grpo_policy_loss(x, old, adv, mask, loss_agg=agg, max_response_length=3)
         loss.backward()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6), agg
         assert torch.isfinite(x.grad).all() and torch.equal(x.grad[2], torch.zeros(3))
@@ -93,7 +93,7 @@ def test_truncated_importance_sampling_weight():
 def test_sequence_ratio_is_geometric_mean():
     lp = torch.tensor([[math.log(1.1), math.log(1.3), 5.0]], requires_grad=True)
     loss, m = R.grpo_policy_loss(lp, torch.zeros(1, 3), torch.tensor([1.0]), torch.tensor([[1, 1, 0]]).bool(),
-                                 ratio_level="sequence", clip_high=0.5)
+                                 policy_loss="gspo", clip_high=0.5)
     s = math.sqrt(1.1 * 1.3)
     assert loss.item() == pytest.approx(-s, rel=1e-6)
     assert m["ratio_mean"].item() == pytest.approx(s, rel=1e-6)
@@ -104,7 +104,9 @@ def test_sequence_ratio_is_geometric_mean():
 
 def test_bad_options_are_rejected():
     args = (torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1).bool())
-    for kw in (dict(kl_estimator="k4"), dict(loss_agg="mean"), dict(ratio_level="seq"), dict(kl_coef=0.1),
-               dict(tis_cap=2.0)):
+    for kw in (dict(kl_estimator="k4"), dict(loss_agg="mean"), dict(policy_loss="seq"), dict(kl_coef=0.1),
+               dict(tis_cap=2.0), dict(loss_agg="seq-mean-token-sum-norm"),  # Dr. GRPO needs its constant
+               dict(policy_loss="dual_clip", clip_ratio_c=1.0), dict(kl_clamp=0.0),
+               dict(tis_level="answer", tis_cap=2.0, behavior_logprobs=torch.zeros(1, 1))):
         with pytest.raises(ValueError):
             R.grpo_policy_loss(*args, **kw)

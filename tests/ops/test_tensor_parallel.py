@@ -89,8 +89,10 @@ def _fused_loss_grads(hid, w, group, rows):
         lp = R.token_logprobs(hid.view(-1, H), w, tok.view(-1), TEMP).view(old.shape)
         loss, _ = R.grpo_policy_loss(lp, old, adv, mask, loss_agg="token-mean")
     else:
-        loss, _ = chunked.fused_policy_loss(hid, w, tok, old, adv, mask, loss_agg="token-mean", temperature=TEMP,
-                                            tp_group=group, rows=rows, chunk_tokens=5)
+        from megatron_r1.ops.loss import PolicyLossConfig
+
+        loss, _ = chunked.fused_policy_loss(hid, w, tok, old, adv, mask, PolicyLossConfig(loss_agg="token-mean"),
+                                            temperature=TEMP, tp_group=group, rows=rows, chunk_tokens=5)
     loss.backward()
     return [loss.detach().numpy(), hid.grad.numpy(), w.grad.numpy()]
 
