@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-preset", help="with --load: the preset of a checkpoint saved without its config")
     p.add_argument("--tokenizer", default=None,
                    help="builtin:demo | a directory or tokenizer.json | deepseek_v3 (needs litellm); "
-                        "default: the checkpoint's config, else builtin:demo")
+                        "default: the tokenizer the checkpoint carries, else its config's, else builtin:demo")
     p.add_argument("--served-model-name", default=None, help="the `model` clients must name (default: preset or "
                                                              "checkpoint directory name)")
     p.add_argument("--host", default="127.0.0.1")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_config(args):
-    """(ModelConfig, tokenizer spec from the checkpoint's config or None)."""
+    """(ModelConfig, the tokenizer path the checkpoint's config.yaml records, or None)."""
     from megatron_r1.config import load_config
     from megatron_r1.models import get_preset
 
@@ -50,13 +50,27 @@ def _model_config(args):
         if not args.model_preset:
             raise UserError(f"--load {args.load}: the checkpoint has no config.yaml; pass --model-preset NAME")
         return get_preset(args.model_preset, where="--model-preset"), None
+    import yaml
+
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(text)
     try:
-        cfg = load_config(f.name)
+        cfg = load_config(f.name, ["checkpoint.save=null", "checkpoint.load=null", "tokenizer.path=builtin:demo"])
     finally:
         os.unlink(f.name)
-    return cfg.model, cfg.tokenizer.path
+    return cfg.model, ((yaml.safe_load(text) or {}).get("tokenizer") or {}).get("path")
+
+
+def tokenizer_spec(args, model_cfg, recorded: str | None) -> str:
+    """--tokenizer, else the tokenizer the checkpoint carries, else the one its config records, else the demo
+    tokenizer; one that cannot be the checkpoint's (another vocabulary) is a UserError naming both."""
+    from megatron_r1.data.tokenizer import tokenizer_for_checkpoint
+    from megatron_r1.inference.tokenizer import DEEPSEEK_NAMES, deepseek_v3_tokenizer_path
+
+    explicit = args.tokenizer
+    if explicit in DEEPSEEK_NAMES:
+        explicit = str(deepseek_v3_tokenizer_path())
+    return tokenizer_for_checkpoint(explicit, args.load, model_cfg.vocab_size, "--tokenizer", fallback=recorded)
 
 
 def build_engine(args):
@@ -71,8 +85,11 @@ def build_engine(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg, ckpt_tokenizer = _model_config(args)
-    tokenizer = load_tokenizer(args.tokenizer or ckpt_tokenizer or "builtin:demo")
+    model_cfg, recorded = _model_config(args)
+    spec = tokenizer_spec(args, model_cfg, recorded)
+    tokenizer = load_tokenizer(spec)
+    log.info("tokenizer: %s (%d tokens%s)", spec, tokenizer.vocab_size,
+             ", chat template" if getattr(tokenizer, "chat_template", None) else "")
     if tokenizer.vocab_size > model_cfg.vocab_size:
         if args.load:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model {model_cfg.vocab_size}")

@@ -8,8 +8,18 @@ Scheduling, one `step()` at a time:
    others get copies of its cache rows and logits, and sample with their own seeds (stats
    `prefill_tokens_shared` counts the prompt tokens not computed; copies cost no prefill budget);
 3. one batched decode step over every running request (per-row positions and length masks), then sampling.
-Running requests always occupy cache rows 0..n-1: when one finishes, the last row is moved into its place, so
-decode works on a view of the cache, never a gather.
+   On CUDA the step has static shapes per batch/length bucket and is replayed as a CUDA graph
+   (`cuda_graphs=True`, the default; see cuda_graphs.py); elsewhere it runs eagerly.
+Running requests always occupy cache rows 0..n-1: when one finishes, the last row is moved into its place.
+
+The cache (`kv_cache`): "paged" (paged_cache.py) holds each request's positions in fixed-size blocks from one
+pool, taken as tokens arrive and returned when it ends; copies of a prefilled sequence reference its blocks
+(copy-on-write of the shared last block). Admission waits for free blocks (prompt + first token, a 1% watermark
+kept back), and when a decode step needs more blocks than are free the newest running requests are preempted:
+their blocks are freed and they go back to the front of the queue, to be re-prefilled (prompt + tokens so far)
+when blocks free up. Nothing is lost and memory never grows past the pool (stats `preemptions`,
+`kv_blocks_peak`). "contiguous" reserves a [max_seq] row per request (functional.KVCache): what the fused CPU
+decode step reads, so "auto" picks it where that step applies (a dense fp32 CPU model) and paged elsewhere.
 
 Every rank of a TP group (and, with EP > 1, every rank of the model) must submit the same requests in the same
 order: the schedule is deterministic, and the sampled tokens are broadcast from the group's first rank so all ranks
@@ -29,13 +39,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union, cast
 
 import torch
 import torch.distributed as dist
 
 from megatron_r1.errors import UserError
+from megatron_r1.inference.cuda_graphs import StaticDecoder
 from megatron_r1.inference.functional import FunctionalGPT
+from megatron_r1.inference.paged_cache import blocks_for_memory, bytes_per_token
 from megatron_r1.inference.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -100,11 +112,19 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: Optional[int] = None,
                  max_queue: int = 1024, max_prefill_tokens: int = 8192, mla_absorb: bool = True, seed: int = 0,
-                 vocab_size: Optional[int] = None):
-        """`vocab_size`: the real vocabulary; logits of the padding rows above it (Megatron pads the embedding to
+                 vocab_size: Optional[int] = None, cuda_graphs: bool = True, static_decode: Optional[bool] = None,
+                 kv_cache: str = "auto", kv_block_size: int = 16, kv_cache_blocks: Optional[int] = None,
+                 kv_cache_memory_gb: Optional[float] = None):
+        """`cuda_graphs`: on a CUDA model, decode through CUDA graphs captured per batch/length bucket
+        (`generation.cuda_graphs`); ignored elsewhere. `static_decode`: run the bucketed static-shape step without
+        capture (True; how the CPU tests drive it) or force the eager step (False); None: static iff graphs.
+        `vocab_size`: the real vocabulary; logits of the padding rows above it (Megatron pads the embedding to
         `vocab_pad_multiple`) are set to -inf, so those ids are never sampled and log-probs are normalised over
         the real vocabulary. None: the tokenizer's vocab_size when a tokenizer is given, else the whole padded
-        vocabulary (the same normalisation as megatron_r1.ops log-probs over the model's logits)."""
+        vocabulary (the same normalisation as megatron_r1.ops log-probs over the model's logits).
+        `kv_cache`: auto | paged | contiguous (module docstring); paged: `kv_block_size` tokens per block and a pool
+        of `kv_cache_blocks` blocks, or as many as fit in `kv_cache_memory_gb` GiB, or (both None) the contiguous
+        cache's memory (max_batch_size x max_seq_len tokens) (generation.kv_* fields)."""
         from megatron.core import parallel_state as ps
 
         self.model = unwrap_model(model)
@@ -117,13 +137,17 @@ class Engine:
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
         self.max_prefill_tokens = int(max_prefill_tokens)
-        self.cache = self.fn.new_cache(self.max_batch_size)
+        self.cache = self._new_cache(kv_cache, kv_block_size, kv_cache_blocks, kv_cache_memory_gb)
+        self.paged = self.cache.paged
+        self.device = self.model.embedding.word_embeddings.weight.device
+        graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        static = graphs if static_decode is None else bool(static_decode)
+        self.static_decoder = StaticDecoder(self.fn, self.cache, capture=graphs and static) if static else None
         self.weight_version = 0
         self._default_gen = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
         self._waiting: deque[Request] = deque()
         self._rows: list[Request] = []  # running requests; index = cache row
-        self.device = self.model.embedding.word_embeddings.weight.device
         # per cache row: the next decode's input token and its position (= the request's length - 1)
         self._last = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(self.max_batch_size, dtype=torch.long, device=self.device)
@@ -149,7 +173,23 @@ class Engine:
         # prompt_tokens: tokens admitted to prefill; prefill_tokens_shared: those of them not computed because an
         # identical sequence was prefilled in the same step (its cache rows copied instead: GRPO's G samples)
         self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0,
-                      "prefill_tokens_shared": 0, "refits": 0, "last_refit_seconds": 0.0, "failed_steps": 0}
+                      "prefill_tokens_shared": 0, "refits": 0, "last_refit_seconds": 0.0, "failed_steps": 0,
+                      "preemptions": 0, "kv_blocks_peak": 0}
+
+    def _new_cache(self, kind: str, block_size: int, num_blocks: Optional[int], memory_gb: Optional[float]):
+        if kind not in ("auto", "paged", "contiguous"):
+            raise UserError(f"generation.kv_cache must be auto, paged or contiguous, got {kind!r}")
+        if kind == "auto":
+            kind = "contiguous" if self.fn.fused_decode_step() is not None else "paged"
+        if kind == "contiguous":
+            return self.fn.new_cache(self.max_batch_size)
+        if num_blocks is None and memory_gb is not None:
+            token_bytes = bytes_per_token(self.fn.cache_spec, self.fn.num_layers, self.fn.dtype)
+            num_blocks = blocks_for_memory(memory_gb, block_size, token_bytes)
+        cache = self.fn.new_paged_cache(self.max_batch_size, block_size, num_blocks)
+        log.info("paged KV cache: %d blocks of %d tokens (%.3f GiB)", cache.num_blocks - 1, block_size,
+                 cache.nbytes() / 2 ** 30)
+        return cache
 
     # ------------------------------------------------------------------------------------------ submission
     @property
@@ -222,11 +262,17 @@ class Engine:
         src: list[Optional[int]] = []  # per admitted request: None (prefilled) or the request it copies
         with self._lock:
             budget = self.max_prefill_tokens
+            blocks = self._admission_blocks()
             while self._waiting and len(self._rows) + len(batch) < self.max_batch_size:
                 req = self._waiting[0]
-                # resumed requests (after a refit) re-prefill what they generated so far
+                # resumed requests (after a refit or a preemption) re-prefill what they generated so far
                 key = tuple(req.prompt + req.tokens)
                 first = seen.get(key)
+                if self.paged:  # blocks for the prompt and the first new token; a copy: its own first block
+                    need = 1 if first is not None else self.cache.blocks_for(req.length + 1)
+                    if need > blocks:
+                        break
+                    blocks -= need
                 if first is None:  # a copy of an admitted sequence costs no prefill
                     if batch and req.length > budget:
                         break
@@ -248,6 +294,10 @@ class Engine:
             ids = r.prompt + r.tokens
             tokens[i, :len(ids)] = torch.tensor(ids)
         lengths = torch.tensor([r.length for r in uniq])
+        if self.paged:
+            for i, r in enumerate(uniq):
+                self.cache.allocate_row(row0 + i, r.length)
+            self._note_blocks()
         logits = self.fn.prefill(tokens.to(self.device), lengths.to(self.device), self.cache, row0=row0)
         if copies:
             u_row = {id(r): i for i, r in enumerate(uniq)}
@@ -266,9 +316,58 @@ class Engine:
                 r.first_token_time = now
         self._sample_and_advance(logits, row0, row0 + len(batch), finished)
 
+    def _admission_blocks(self) -> int:
+        """Blocks admission may hand out now: the free ones less a watermark (1% of the pool, at least one) kept for
+        the running requests' growth, so a new admission is not preempted at once."""
+        if not self.paged:
+            return 0
+        return self.cache.num_free - max(1, (self.cache.num_blocks - 1) // 100)
+
+    def _note_blocks(self):
+        self.stats["kv_blocks_peak"] = max(self.stats["kv_blocks_peak"], self.cache.pool.num_used)
+
+    def _reserve_decode_blocks(self):
+        """Give every running row a writable block for its next position (new, or a private copy of a shared
+        one); where the pool has too few free blocks, preempt the newest requests first (module docstring)."""
+        cache = self.cache
+        while self._rows:
+            need = [row for row, r in enumerate(self._rows) if cache.needs_block(row, r.length - 1)]
+            if len(need) <= cache.num_free:
+                break
+            row = max(range(len(self._rows)), key=lambda i: (self._rows[i].arrival, i))
+            self._preempt(row, len(need))
+        if not self._rows:
+            return
+        for row in need:
+            cache.prepare_write(row, self._rows[row].length - 1)
+        self._note_blocks()
+
+    def _preempt(self, row: int, needed: int):
+        req = self._rows[row]
+        self._remove_row(row)
+        with self._lock:  # the front of the queue, behind older preempted requests (arrival order)
+            i = 0
+            while i < len(self._waiting) and self._waiting[i].arrival <= req.arrival:
+                i += 1
+            self._waiting.insert(i, req)
+        self.stats["preemptions"] += 1
+        level = logging.WARNING if self.stats["preemptions"] == 1 else logging.INFO
+        log.log(level, "KV cache pool full (%d blocks of %d tokens, %d free, %d needed): preempted %s "
+                "(%d tokens cached); it resumes by recompute when blocks free up (%d preemptions so far)",
+                self.cache.num_blocks - 1, self.cache.block_size, self.cache.num_free, needed, req.request_id,
+                req.length, self.stats["preemptions"])
+
     def _decode(self, finished):
+        if self.paged:
+            self._reserve_decode_blocks()
+            if not self._rows:
+                return
+            self.cache.sync()
         n = len(self._rows)
-        logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
+        if self.static_decoder is not None:  # positions attended: each row's length, known here without a sync
+            logits = self.static_decoder(self._last[:n], self._pos[:n], max(r.length for r in self._rows))
+        else:
+            logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
         self._pos.add_(1)  # rows >= n are free: their positions are set when a prefill fills them
         self._sample_and_advance(logits, 0, n, finished)
 
@@ -329,16 +428,21 @@ class Engine:
         ids = req.tokens[:-1] if drop_last else req.tokens
         req.text = self.tokenizer.decode(ids)
 
+    def _remove_row(self, row: int):
+        """Free `row`'s cache (paged: its blocks) and move the last running row into it."""
+        self.cache.release_row(row)
+        last = len(self._rows) - 1
+        if row != last:
+            moved = self._rows[last]
+            self.cache.move_row(last, row, moved.length)
+            self._last[row] = self._last[last]
+            self._pos[row] = self._pos[last]
+            self._rows[row] = moved
+        self._rows.pop()
+
     def _finish(self, req: Request, reason: str, finished: list, row: Optional[int] = None):
         if row is not None:
-            last = len(self._rows) - 1
-            if row != last:
-                moved = self._rows[last]
-                self.cache.move_row(last, row, moved.length)
-                self._last[row] = self._last[last]
-                self._pos[row] = self._pos[last]
-                self._rows[row] = moved
-            self._rows.pop()
+            self._remove_row(row)
         req.finish_reason = reason
         if reason in ("abort", "error"):
             self._update_text(req)  # the text so far (stop/length finishes have just decoded it)
@@ -379,7 +483,7 @@ class Engine:
         else:
             while not all(r.done.is_set() for r in reqs):
                 self.step()
-        return [r.result for r in reqs]
+        return [cast(GenerationResult, r.result) for r in reqs]  # `done` is set only after `result` is
 
     # ------------------------------------------------------------------------------------------ refit
     def refit(self, source=None) -> float:
@@ -402,11 +506,14 @@ class Engine:
                     else:
                         weights.load_full_state_dict(self.model, src)
             self.fn.refresh()  # parameter references again, in case modules or Parameters were replaced
+            if self.static_decoder is not None:
+                self.static_decoder.invalidate_if_moved()  # graphs hold parameter addresses
             self.weight_version += 1
             # the cached K/V (latents) came from the old weights: re-prefill running requests, oldest first
             with self._lock:
                 self._waiting.extendleft(reversed(self._rows))
             self._rows = []
+            self.cache.release_all()
         dt = time.perf_counter() - t0
         self.stats["refits"] += 1
         self.stats["last_refit_seconds"] = dt
@@ -451,5 +558,6 @@ class Engine:
                         failed = list(self._waiting) + self._rows
                         self._waiting.clear()
                     self._rows = []
+                    self.cache.release_all()
                     for r in failed:
                         self._finish(r, "error", [])

@@ -5,7 +5,10 @@ which assumes CUDA), and its per-module Python layers cost more than the model o
 reads the very `nn.Parameter` objects the trainer updates (no copy; the Parameter objects are held, so Megatron's
 DDP re-pointing `param.data` into its buffers is seen too) and reproduces Megatron's arithmetic op for op: RMSNorm,
 SwiGLU, grouped QKV layout, RoPE (YaRN with mscale, MLA's de-interleaved rope), MLA with q/kv compression, the
-sigmoid group-limited router with expert bias, routed scaling and shared experts.
+sigmoid group-limited router with expert bias (or a softmax router), routed scaling and shared experts. Every
+weight comes through `layer_adapter.read_model`, which knows the local spec's layout and Transformer Engine's
+(norms fused into the next linear as `layer_norm_weight`) and refuses, naming the config field or module, what
+this forward does not reproduce.
 
 Tensor parallelism: each rank runs on its shard of heads / FFN columns / vocab rows; row-parallel outputs are
 all-reduced over the TP group, the vocab-parallel logits all-gathered, exactly where Megatron does it.
@@ -19,6 +22,10 @@ Caches (one slot row per running request, rows 0..n-1 kept contiguous by the sch
   never expanded (`mla_absorb=False` up-projects the cached latent instead; both are tested).
 - Dense (Llama/Qwen2): K and V side by side, [slots, kv_heads, seq, 2 * head_dim] (`k` / `v` are views), so a
   decode step writes a token's K and V with one `index_copy_` straight from the QKV projection's output.
+- Paged (`paged_cache.PagedKVCache`, the engine's default off the fused CPU path): the same entries in
+  fixed-size blocks from one pool, a block table per row, prompt blocks shared by the G answers of a prompt.
+  The forward reaches either cache through the same hooks (`begin_prefill`, `write_prefill`, `decode_index`,
+  `read`), so the arithmetic is the same op for op.
 Each cache also keeps an additive attention bias per slot row (0 up to the row's length, -inf beyond), updated
 with one scatter per decode step instead of rebuilding a mask.
 
@@ -44,7 +51,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_r1.errors import ConfigError
-from megatron_r1.models.local_layers import RMSNorm
+from megatron_r1.inference import layer_adapter
+from megatron_r1.models.local_layers import rms_norm
 
 
 # ----------------------------------------------------------------------------------------------- collectives
@@ -106,8 +114,41 @@ class KVCache:
         # additive attention bias: 0 at a row's cached positions, -inf beyond (shared by every layer)
         self.bias = torch.full((max_batch, max_seq), float("-inf"), dtype=dtype, device=device)
 
+    paged = False
+
     def _tensors(self) -> list[torch.Tensor]:
         return self.latent if self.spec.mla else self.kv
+
+    # the hooks the forward calls, shared with paged_cache.PagedKVCache (which stores entries in blocks)
+    def begin_prefill(self, row0: int, B: int, T: int) -> None:
+        """Nothing to prepare: rows are contiguous."""
+
+    def write_prefill(self, i: int, row0: int, lat=None, k=None, v=None) -> None:
+        """Store a prefill's entries: MLA lat [B, T, w]; dense k, v [B, kv_heads, T, hd]."""
+        if self.spec.mla:
+            self.latent[i][row0:row0 + lat.shape[0], :lat.shape[1]] = lat
+        else:
+            self.k[i][row0:row0 + k.shape[0], :, :k.shape[2]] = k
+            self.v[i][row0:row0 + v.shape[0], :, :v.shape[2]] = v
+
+    def decode_index(self, B: int, pos: torch.Tensor, L: int):
+        """(flat slots of the new entries at positions pos [B] of rows 0..B-1, nothing to gather)."""
+        if self.spec.mla:
+            return self.slot_base[:B] + pos, None
+        return (self.slot_base[:B] + pos[:, None]).view(-1), None
+
+    def read(self, i: int, B: int, L: int, table=None) -> torch.Tensor:
+        """Rows 0..B-1's first L entries (a view): MLA [B, L, w]; dense [B, kv_heads, L, 2*hd]."""
+        return self.latent[i][:B, :L] if self.spec.mla else self.kv[i][:B, :, :L]
+
+    def release_row(self, row: int) -> None:
+        """Nothing to free: a row's positions are its own."""
+
+    def release_all(self) -> None:
+        """Nothing to free."""
+
+    def sync(self) -> None:
+        """No block table."""
 
     def nbytes(self) -> int:
         """Bytes of cached K/V (or latents); the small per-row bias is not counted."""
@@ -138,47 +179,49 @@ class KVCache:
 
 # ----------------------------------------------------------------------------------------------- model
 class _Layer:
-    """One decoder layer's modules and parameters, looked up once: nn.Module attribute lookups cost more than
-    the ops at decode shapes. Parameters are held, not copied, so in-place updates (an optimizer step, DDP's
-    re-pointed `.data`) are seen; `FunctionalGPT.refresh()` rebuilds these after modules are replaced."""
+    """One decoder layer's parameters as the functional forward uses them, read once through
+    `layer_adapter.read_model` (either spec's layout): nn.Module attribute lookups cost more than the ops at decode
+    shapes. Parameters are held, not copied, so in-place updates (an optimizer step, DDP's re-pointed `.data`)
+    are seen; `FunctionalGPT.refresh()` rebuilds these after modules are replaced."""
 
-    def __init__(self, layer, dtype):
-        attn, mlp = layer.self_attention, layer.mlp
-        self.attn = attn
-        self.in_norm = _norm_fn(layer.input_layernorm, dtype)
-        self.mlp_norm = _norm_fn(layer.pre_mlp_layernorm, dtype)
-        self.proj_w = attn.linear_proj.weight
-        self.moe = mlp if hasattr(mlp, "router") else None
+    def __init__(self, rec: layer_adapter.Layer, dtype):
+        self.rec = rec
+        self.in_norm = _norm_fn(rec.in_norm, dtype)
+        self.mlp_norm = _norm_fn(rec.mlp_norm, dtype)
+        self.proj_w = rec.attn.proj_w
+        self.moe = rec.mlp if isinstance(rec.mlp, layer_adapter.MoE) else None  # router, experts, shared expert
         self.fc1_w = self.fc2_w = None
         if self.moe is None:
-            self.fc1_w, self.fc2_w = mlp.linear_fc1.weight, mlp.linear_fc2.weight
-        if hasattr(attn, "linear_qkv"):  # dense
-            self.qkv_w, self.qkv_b = attn.linear_qkv.weight, attn.linear_qkv.bias
+            self.fc1_w, self.fc2_w = rec.mlp.fc1_w, rec.mlp.fc2_w
+        if isinstance(rec.attn, layer_adapter.DenseAttention):
+            self.qkv_w, self.qkv_b = rec.attn.qkv_w, rec.attn.qkv_b
         else:  # MLA
-            self.q_norm = _norm_fn(attn.q_layernorm, dtype) if hasattr(attn, "q_layernorm") else None
-            self.kv_norm = _norm_fn(attn.kv_layernorm, dtype)
+            self.mla = rec.attn
+            self.q_norm = _norm_fn(rec.attn.q_norm, dtype)
+            self.kv_norm = _norm_fn(rec.attn.kv_norm, dtype)
 
 
-def _is_fp32_rmsnorm(mod) -> bool:
-    """Our RMSNorm module with an fp32 weight: what the hand-written norms (below, and the fused CPU step) cover."""
-    return type(mod) is RMSNorm and mod.weight.dtype == torch.float32
+def _identity(x):
+    return x
 
 
-def _norm_fn(mod, dtype):
-    """x -> mod(x). Our fp32 RMSNorm as x * rsqrt(|x|^2 / d + eps) * w in three small ops plus two multiplies
-    (torch's rms_norm runs eight on CPU, and norms were the costliest non-matmul op of a decode step); equal to
-    the module up to rounding. Other modules and dtypes run the module itself."""
-    if dtype == torch.float32 and _is_fp32_rmsnorm(mod):
-        w = mod.weight
-        eps = torch.tensor(mod.eps, dtype=torch.float32, device=w.device)
+def _norm_fn(norm: Optional[layer_adapter.Norm], dtype):
+    """x -> RMSNorm(x) for the adapter's `Norm` (None: identity). In fp32 as x * rsqrt(|x|^2 / d + eps) * w in
+    three small ops plus two multiplies (torch's rms_norm runs eight on CPU, and norms were the costliest
+    non-matmul op of a decode step); equal to `local_layers.rms_norm` up to rounding, which runs otherwise."""
+    if norm is None:
+        return _identity
+    w, eps = norm.weight, norm.eps
+    if dtype == torch.float32 and w.dtype == torch.float32:
+        eps_t = torch.tensor(eps, dtype=torch.float32, device=w.device)
         inv_d = 1.0 / w.shape[0]
         vector_norm, addcmul, rsqrt, mul = torch.linalg.vector_norm, torch.addcmul, torch.rsqrt, torch.mul
 
-        def rms_norm(x):
+        def fp32_rms_norm(x):
             n = vector_norm(x, 2, -1, True)
-            return mul(x, rsqrt(addcmul(eps, n, n, value=inv_d))).mul_(w)
-        return rms_norm
-    return mod
+            return mul(x, rsqrt(addcmul(eps_t, n, n, value=inv_d))).mul_(w)
+        return fp32_rms_norm
+    return lambda x: rms_norm(x, w, eps)
 
 
 class FunctionalGPT:
@@ -194,7 +237,10 @@ class FunctionalGPT:
         if ps.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
             raise ConfigError("inference: pipeline parallelism is not supported for generation; "
                               "run the engine with pipeline_model_parallel_size=1 (TP and EP are supported)")
-        # MTP heads (cfg.mtp_num_layers) only add a training loss; generation uses the main head.
+        # Every module and config field this forward reproduces is checked here (ConfigError naming it otherwise),
+        # for the local spec's layout and Transformer Engine's alike. MTP heads (cfg.mtp_num_layers) only add a
+        # training loss; generation uses the main head.
+        layer_adapter.read_model(model)
         self.tp_group = ps.get_tensor_model_parallel_group() if ps.is_initialized() else None
         self.tp_size = _group_size(self.tp_group)
         self.tp_rank = dist.get_rank(self.tp_group) if self.tp_size > 1 else 0
@@ -213,7 +259,9 @@ class FunctionalGPT:
             self.dn, self.dr, self.dv = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
             self.c = cfg.kv_lora_rank
             self.softmax_scale = attn0.softmax_scale
-            freqs, mscale = attn0.rotary_pos_emb(self.max_seq)
+            emb = attn0.rotary_pos_emb(self.max_seq)
+            # YaRN returns (freqs, mscale); plain RoPE (rope_type="rope") the freqs alone, applied unscaled
+            freqs, mscale = emb if isinstance(emb, tuple) else (emb, 1.0)
             freqs = freqs.reshape(self.max_seq, -1).float()
             cos, sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
             self.cache_spec = CacheSpec(True, self.c + self.dr, 1)
@@ -225,6 +273,9 @@ class FunctionalGPT:
             self.softmax_scale = 1.0 / math.sqrt(self.hd)
             freqs = model.rotary_pos_emb(self.max_seq)
             freqs = freqs.reshape(self.max_seq, -1).float()
+            if freqs.shape[-1] != self.hd:
+                raise ConfigError(f"inference: rotary_percent: rotary embedding on {freqs.shape[-1]} of the "
+                                  f"{self.hd} head dimensions is not implemented")
             cos, sin = torch.cos(freqs), torch.sin(freqs)
             self.cache_spec = CacheSpec(False, self.hd, self.kv_heads)
             # decode tables for q and k heads of a group at once ([.., g + 1, hd]): the query's rows carry the
@@ -244,13 +295,13 @@ class FunctionalGPT:
     def refresh(self) -> None:
         """Look the layers' modules and parameters up again (after modules or Parameter objects were replaced)."""
         m = self.model
-        self.layers = [_Layer(layer, self.dtype) for layer in m.decoder.layers]
-        self.final_norm = _norm_fn(m.decoder.final_layernorm, self.dtype)
+        self.weights = layer_adapter.read_model(m)
+        self.layers = [_Layer(rec, self.dtype) for rec in self.weights.layers]
+        self.final_norm = _norm_fn(self.weights.final_norm, self.dtype)
         self._fused = None  # built lazily by fused_decode_step (needs the extension)
         self._fused_checked = False
-        self.embed_w = m.embedding.word_embeddings.weight
-        self.out_w = (m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights
-                      else m.output_layer.weight)
+        self.embed_w = self.weights.embed_w
+        self.out_w = self.weights.out_w
         device = self.embed_w.device
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         if not self.mla:
@@ -260,6 +311,15 @@ class FunctionalGPT:
     def new_cache(self, max_batch: int, device=None) -> KVCache:
         device = device or self.embed_w.device
         return KVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device)
+
+    def new_paged_cache(self, max_batch: int, block_size: int = 16, num_blocks: Optional[int] = None,
+                        device=None):
+        """A `paged_cache.PagedKVCache` of `num_blocks` blocks (None: the contiguous cache's memory)."""
+        from megatron_r1.inference.paged_cache import PagedKVCache
+
+        device = device or self.embed_w.device
+        return PagedKVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device,
+                            block_size=block_size, num_blocks=num_blocks)
 
     def _embed(self, tokens):
         w = self.embed_w
@@ -301,18 +361,23 @@ class FunctionalGPT:
             return _all_reduce(F.linear(h, fc2_w), self.tp_group)
         return self._residual_linear(residual, h, fc2_w)
 
-    def _moe(self, moe, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def _route(self, router: layer_adapter.MoE, x):
+        """Megatron's top-k router (moe_utils.topk_routing_with_score_function, unfused): the top-k expert ids
+        [N, k] and their probabilities [N, k] (in x's dtype) for tokens x [N, h]. Sigmoid scores with the expert
+        bias steering only the choice (DeepSeek-V3), or softmax before or after top-k; group-limited top-k and
+        the routed scaling factor for either."""
         cfg = self.cfg
-        router = moe.router
-        logits = F.linear(x.float(), router.weight.float())
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.moe_router_dtype, x.dtype)
+        logits = F.linear(x.to(dtype), router.router_w.to(dtype))
         k, n_exp = cfg.moe_router_topk, cfg.num_moe_experts
-        if cfg.moe_router_score_function == "sigmoid":
-            scores = torch.sigmoid(logits)
+        sigmoid = cfg.moe_router_score_function == "sigmoid"
+        if sigmoid:
+            scores = torch.sigmoid(logits.float()).type_as(logits)
             sel = scores + router.expert_bias if router.expert_bias is not None else scores
+        elif cfg.moe_router_pre_softmax:
+            scores = sel = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits)
         else:
-            scores = sel = logits  # softmax after top-k (moe_router_pre_softmax=False)
+            scores = sel = logits  # softmax over the top-k only (the expert bias plays no part with softmax)
         if cfg.moe_router_group_topk:
             ng = cfg.moe_router_num_groups
             gs = sel.view(-1, ng, n_exp // ng).topk(k // cfg.moe_router_group_topk, dim=-1)[0].sum(-1)
@@ -322,14 +387,47 @@ class FunctionalGPT:
             sel = sel.masked_fill(emask == 0, float("-inf"))
         top_idx = sel.topk(k, dim=-1)[1]
         probs = torch.gather(scores, 1, top_idx)
-        if cfg.moe_router_score_function == "sigmoid":
+        if sigmoid:
             if k > 1:
                 probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)
-        else:
-            probs = torch.softmax(probs, dim=-1)
+        elif not cfg.moe_router_pre_softmax:
+            probs = torch.softmax(probs, dim=-1, dtype=torch.float32).type_as(logits)
         if cfg.moe_router_topk_scaling_factor:
             probs = probs * cfg.moe_router_topk_scaling_factor
-        probs = probs.to(x.dtype)
+        return top_idx, probs.to(x.dtype)
+
+    def _moe(self, lyr: _Layer, x, static: bool = False):
+        """Routed (+ shared) experts. `static`: no host sync and shapes independent of the routing (CUDA-graph
+        capture): every local expert runs on every row, weighted by its routing prob, 0 where not routed."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        moe = lyr.moe
+        top_idx, probs = self._route(moe, x)
+        if static:
+            out = self._experts_dense(moe, x, top_idx, probs)
+        else:
+            out = self._experts_sorted(moe, x, top_idx, probs)
+        out = _all_reduce(out, self.expert_group)
+        if moe.shared is not None:
+            out = out + self._mlp(x, moe.shared.fc1_w, moe.shared.fc2_w)
+        return out.reshape(shape)
+
+    def _experts_dense(self, moe: layer_adapter.MoE, x, top_idx, probs):
+        """Each local expert on all rows x [N, h], scaled by its prob (a dense [N, experts] scatter of the top-k):
+        a row not routed to an expert adds exactly 0, and experts are summed in ascending order like
+        `_experts_sorted`, so the sums round the same. Costs experts/top-k times the expert FLOPs; every local
+        expert's weights are read once per step, as they are whenever the batch reaches all of them."""
+        dense = torch.zeros(x.shape[0], self.cfg.num_moe_experts, dtype=probs.dtype, device=x.device)
+        dense.scatter_(1, top_idx, probs)
+        out = torch.zeros_like(x)
+        for e, expert in zip(moe.expert_ids, moe.experts):
+            g, u = F.linear(x, expert.fc1_w).chunk(2, dim=-1)
+            out += F.linear(F.silu(g) * u * dense[:, e:e + 1], expert.fc2_w)
+        return out
+
+    def _experts_sorted(self, moe: layer_adapter.MoE, x, top_idx, probs):
+        """Each local expert on the rows routed to it: the eager path."""
+        n_exp, k = self.cfg.num_moe_experts, top_idx.shape[-1]
         # Tokens grouped by expert with one sort and one host sync for all experts (not a nonzero() per expert).
         # A token meets its experts in ascending expert order, as before, so the sums round the same.
         flat = top_idx.reshape(-1)
@@ -341,53 +439,48 @@ class FunctionalGPT:
             starts[e + 1] = starts[e] + counts[e]
         prob_sorted = probs.reshape(-1)[order]
         out = torch.zeros_like(x)
-        for local_i, expert in enumerate(moe.experts.local_experts):
-            e = moe.local_expert_indices[local_i]
+        for e, expert in zip(moe.expert_ids, moe.experts):
             a, b = starts[e], starts[e + 1]
             if a == b:
                 continue
             rows = token_of[a:b]
-            g, u = F.linear(x[rows], expert.linear_fc1.weight).chunk(2, dim=-1)
+            g, u = F.linear(x[rows], expert.fc1_w).chunk(2, dim=-1)
             # Megatron scales the activation by the routing prob before fc2 (same rounding order)
-            y = F.linear(F.silu(g) * u * prob_sorted[a:b].unsqueeze(-1), expert.linear_fc2.weight)
+            y = F.linear(F.silu(g) * u * prob_sorted[a:b].unsqueeze(-1), expert.fc2_w)
             out.index_add_(0, rows, y)
-        out = _all_reduce(out, self.expert_group)
-        if moe.shared_experts is not None:
-            sh = moe.shared_experts
-            out = out + self._mlp(x, sh.linear_fc1.weight, sh.linear_fc2.weight)
-        return out.reshape(shape)
+        return out
 
-    def _ffn(self, lyr: _Layer, x):
-        """x + FFN(norm(x))."""
+    def _ffn(self, lyr: _Layer, x, static: bool = False):
+        """x + FFN(norm(x)); `static`: see `_moe`."""
         h = lyr.mlp_norm(x)
         if lyr.moe is not None:
-            return x + self._moe(lyr.moe, h)
+            return x + self._moe(lyr, h, static)
         return self._mlp(h, lyr.fc1_w, lyr.fc2_w, residual=x)
 
     # ---------------------------------------------------------------------------------- attention
     def _mla_q(self, lyr: _Layer, x, rope):
         """Roped queries q [..., H, dn+dr] for hidden x [..., h]."""
-        cfg, attn = self.cfg, lyr.attn
+        cfg, w = self.cfg, lyr.mla
         if cfg.q_lora_rank is not None:
-            qc = _linear_gather(x, attn.linear_q_down_proj.weight, cfg.q_lora_rank, self.tp_group)
-            q = F.linear(lyr.q_norm(qc), attn.linear_q_up_proj.weight)
+            qc = _linear_gather(x, w.q_down_w, cfg.q_lora_rank, self.tp_group)
+            q = F.linear(lyr.q_norm(qc), w.q_up_w)
         else:
-            q = F.linear(x, attn.linear_q_proj.weight)
+            q = F.linear(x, w.q_proj_w)
         q = q.view(*q.shape[:-1], self.heads, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         return torch.cat([q_nope, self._rope(q_pe, rope, True)], dim=-1)
 
     def _mla_latent(self, lyr: _Layer, x, rope):
         """The cache entries cat(c_kv, roped k_pe) [..., c+dr] for hidden x [..., h]."""
-        kv = _linear_gather(x, lyr.attn.linear_kv_down_proj.weight, self.c + self.dr, self.tp_group)
+        kv = _linear_gather(x, lyr.mla.kv_down_w, self.c + self.dr, self.tp_group)
         c, k_pe = kv.split([self.c, self.dr], dim=-1)
         k_pe = self._rope(k_pe.unsqueeze(-2), rope, True).squeeze(-2)
         return torch.cat([lyr.kv_norm(c), k_pe], dim=-1)
 
-    def _mla_expand(self, attn, latent):
+    def _mla_expand(self, lyr: _Layer, latent):
         """Expanded K [B,L,H,dn+dr] and V [B,L,H,dv] from cache entries [B,L,c+dr] (Megatron's layout)."""
         c, k_pe = latent.split([self.c, self.dr], dim=-1)
-        kv = F.linear(c, attn.linear_kv_up_proj.weight).view(*c.shape[:-1], self.heads, self.dn + self.dv)
+        kv = F.linear(c, lyr.mla.kv_up_w).view(*c.shape[:-1], self.heads, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(-2).expand(*k_pe.shape[:-1], self.heads, self.dr)], dim=-1)
         return k, v
@@ -414,23 +507,21 @@ class FunctionalGPT:
         """Attention over the tokens of x (prefill); writes their cache entries at rows row0... With `last`
         ([B] indices of each row's last token), only those tokens' outputs are computed: [B, h] not [B, T, h]."""
         B, T, _ = x.shape
-        attn = lyr.attn
         rows = torch.arange(B, device=x.device)
         if self.mla:
             lat = self._mla_latent(lyr, x, rope)
             if cache is not None:
-                cache.latent[i][row0:row0 + B, :T] = lat
+                cache.write_prefill(i, row0, lat=lat)
             if last is not None:  # queries of the last tokens only (q_down/q_up skipped for the others)
                 x, rope = x[rows, last].unsqueeze(1), tuple(t[rows, last].unsqueeze(1) for t in rope)
                 mask = mask[rows, :, last].unsqueeze(2)
             q = self._mla_q(lyr, x, rope)
-            k, v = self._mla_expand(attn, lat)
+            k, v = self._mla_expand(lyr, lat)
             o = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         else:
             q, k, v = self._dense_qkv(lyr, x, rope)  # q [B, T, kv_heads, g, hd]
             if cache is not None:
-                cache.k[i][row0:row0 + B, :, :T] = k
-                cache.v[i][row0:row0 + B, :, :T] = v
+                cache.write_prefill(i, row0, k=k, v=v)
             if last is not None:
                 q, mask = q[rows, last].unsqueeze(1), mask[rows, :, last].unsqueeze(2)
             Tq = q.shape[1]
@@ -441,19 +532,19 @@ class FunctionalGPT:
             o = o[:, 0]
         return _all_reduce(F.linear(o, lyr.proj_w), self.tp_group)
 
-    def _attention_decode(self, i, lyr: _Layer, x, rope, bias, slots, cache, L):
+    def _attention_decode(self, i, lyr: _Layer, x, rope, bias, slots, cache, L, table=None):
         """One new token per row (rows 0..B-1 of the cache), attending to cache positions < L (bias masks each
-        row). x [B, h]; `slots`: flat indices of the new entries in the cache viewed as rows of one entry.
-        Returns the attention block's output before the residual add, [B, heads * dv]."""
+        row). x [B, h]; `slots`: flat indices of the new entries in the cache viewed as rows of one entry;
+        `table`: the paged cache's block table slice (None: contiguous rows). Returns the attention block's output
+        before the residual add, [B, heads * dv]."""
         B = x.shape[0]
         if self.mla:
-            attn = lyr.attn
             q = self._mla_q(lyr, x, rope)  # [B, H, dn+dr]
             lat = self._mla_latent(lyr, x, rope)  # [B, c+dr]
             cache.latent[i].view(-1, lat.shape[-1]).index_copy_(0, slots, lat)
-            lat_all = cache.latent[i][:B, :L]  # [B, L, c+dr]
+            lat_all = cache.read(i, B, L, table)  # [B, L, c+dr]
             if self.mla_absorb:
-                w = attn.linear_kv_up_proj.weight.view(self.heads, self.dn + self.dv, self.c)
+                w = lyr.mla.kv_up_w.view(self.heads, self.dn + self.dv, self.c)
                 w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [H, dn, c], [H, dv, c]
                 q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)  # [B, H, *]
                 # per-head products as head-batched bmm (what einsum would run, without its parsing per call)
@@ -463,7 +554,7 @@ class FunctionalGPT:
                 o_lat = torch.bmm(torch.softmax(s, dim=-1), lat_all[..., :self.c])  # [B, H, c]
                 o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, B, dv]
                 return o.transpose(0, 1).reshape(B, self.heads * self.dv)
-            k, v = self._mla_expand(attn, lat_all)
+            k, v = self._mla_expand(lyr, lat_all)
             mask = (bias == 0).view(B, 1, 1, L)
             return self._attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask).view(B, -1)
         hd, kvh = self.hd, self.kv_heads
@@ -472,9 +563,9 @@ class FunctionalGPT:
         qk = qkv[:, :, :g + 1]
         cos, sin = rope  # [B, 1, g + 1, hd], the query rows pre-scaled by the softmax scale
         torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin, out=qk)
-        kv = cache.kv[i]  # [slots, kv_heads, seq, 2 * hd]: the new (roped) K and V, in place, one copy
-        kv.view(-1, 2 * hd).index_copy_(0, slots, qkv.view(B * kvh, (g + 2) * hd)[:, g * hd:])
-        kv = kv[:B, :, :L]
+        kv = cache.kv[i]  # contiguous [slots, kv_heads, seq, 2 * hd] or paged [blocks, kv_heads, block, 2 * hd]
+        kv.view(-1, 2 * hd).index_copy_(0, slots, qkv.view(B * kvh, (g + 2) * hd)[:, g * hd:])  # new K and V, one copy
+        kv = cache.read(i, B, L, table)  # [B, kv_heads, L, 2 * hd]
         s = torch.matmul(qkv[:, :, :g], kv[..., :hd].transpose(-1, -2))  # [B, kv_heads, g, L]
         p = torch.softmax(s.add_(bias.view(B, 1, 1, L)), dim=-1)
         # [B, kv_heads, g, hd]: head j*g + h of group j is already in Megatron's head order
@@ -501,6 +592,7 @@ class FunctionalGPT:
         rope = self._tables(pos)
         if cache is not None:
             cache.set_lengths(row0, lengths)
+            cache.begin_prefill(row0, B, T)
         n = len(self.layers)
         for i, lyr in enumerate(self.layers):
             h = lyr.in_norm(x)
@@ -515,21 +607,22 @@ class FunctionalGPT:
 
     def fused_decode_reason(self) -> Optional[str]:
         """Why the fused CPU decode step (csrc/cpu_decode.cpp) does not apply to this model, or None if it does:
-        a dense fp32 model on the CPU without TP, whose norms are our RMSNorm (what the C++ step implements)."""
+        a dense fp32 model on the CPU without TP with a norm in front of every block (the C++ step implements
+        RMSNorm; the adapter has refused any other norm). Its weights come from `layer_adapter`, so the local and
+        the TE layout both run it."""
         if self.mla:
             return "multi-latent attention"
         if self.tp_size > 1:
             return "tensor parallelism"
         if self.dtype != torch.float32 or self.embed_w.device.type != "cpu":
             return f"{self.dtype} on {self.embed_w.device.type}"
-        norms = [m for layer in self.model.decoder.layers for m in (layer.input_layernorm, layer.pre_mlp_layernorm)]
-        norms.append(self.model.decoder.final_layernorm)
-        if not all(_is_fp32_rmsnorm(m) for m in norms):
-            return "a norm other than fp32 RMSNorm"
         if any(lyr.moe is not None for lyr in self.layers):
             return "mixture-of-experts layers"
-        if self.cos.shape[-1] != self.hd:
-            return "rotary embedding on part of the head"
+        norms = self.weights.norms()
+        if any(n is None for n in norms):
+            return "a block without a norm"
+        if any(n.weight.dtype != torch.float32 for n in norms):
+            return "norm weights other than fp32"
         return None
 
     def fused_decode_step(self):
@@ -544,37 +637,45 @@ class FunctionalGPT:
                 if cpu_kernels.available():
                     layers, eps = [], []
                     empty = torch.empty(0)
-                    for layer, lyr in zip(self.model.decoder.layers, self.layers):
-                        layers += [layer.input_layernorm.weight, lyr.qkv_w,
-                                   lyr.qkv_b if lyr.qkv_b is not None else empty, lyr.proj_w,
-                                   layer.pre_mlp_layernorm.weight, lyr.fc1_w, lyr.fc2_w]
-                        eps += [layer.input_layernorm.eps, layer.pre_mlp_layernorm.eps]
-                    eps.append(self.model.decoder.final_layernorm.eps)
-                    self._fused = (cpu_kernels.load(), layers, eps, self.model.decoder.final_layernorm.weight)
+                    for rec, lyr in zip(self.weights.layers, self.layers):
+                        layers += [rec.in_norm.weight, lyr.qkv_w, lyr.qkv_b if lyr.qkv_b is not None else empty,
+                                   lyr.proj_w, rec.mlp_norm.weight, lyr.fc1_w, lyr.fc2_w]
+                        eps += [rec.in_norm.eps, rec.mlp_norm.eps]
+                    final = self.weights.final_norm
+                    eps.append(final.eps)
+                    self._fused = (cpu_kernels.load(), layers, eps, final.weight)
         return self._fused
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V]."""
-        fused = self.fused_decode_step() if self.use_fused else None
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+               max_len: Optional[int] = None) -> torch.Tensor:
+        """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V].
+
+        `max_len`: attend over that many cache positions (>= max(pos) + 1; the bias masks each row's rest) and run
+        MoE layers without a host sync: shapes depend on B and max_len alone, what CUDA-graph capture needs
+        (`cuda_graphs.StaticDecoder`). None: max(pos) + 1, read from the device."""
+        # the fused step reads contiguous rows (csrc/cpu_decode.cpp); a paged cache decodes through the torch ops
+        fused = self.fused_decode_step() if self.use_fused and max_len is None and not cache.paged else None
         if fused is not None:
             ext, layers, eps, final_w = fused
             return ext.dense_decode(tokens, pos, self.embed_w, layers, eps, final_w, self.out_w, cache.kv,
                                     cache.bias, self.cos, self.sin, self.kv_heads, self.heads // self.kv_heads,
                                     self.hd, self.softmax_scale)
         B = tokens.shape[0]
-        L = int(pos.max()) + 1
+        if max_len is None:  # eager: a paged cache's changed block-table rows go to the device (static: the caller)
+            cache.sync()
+        L = int(pos.max()) + 1 if max_len is None else int(max_len)
         x = self._embed(tokens)  # [B, h]
         cache.bias[:B].scatter_(1, pos.unsqueeze(1), 0.0)  # the new token is visible from now on
         bias = cache.bias[:B, :L]
-        # where each row's new K/V (or latent) goes, as flat row indices into the cache: once per step
+        # where each row's new K/V (or latent) goes, as flat row indices into the cache, and (paged) the block
+        # table slice each layer gathers: once per step
+        slots, table = cache.decode_index(B, pos, L)
         if self.mla:
-            slots = cache.slot_base[:B] + pos
             rope = self._tables(pos)  # [B, 1, d]
         else:
-            slots = (cache.slot_base[:B] + pos[:, None]).view(-1)
             rope = (self._qk_cos[pos], self._qk_sin[pos])  # [B, 1, g + 1, hd]
         for i, lyr in enumerate(self.layers):
-            o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L)
-            x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w))
+            o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L, table)
+            x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w), static=max_len is not None)
         return self._logits(self.final_norm(x))

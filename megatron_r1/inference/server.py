@@ -154,15 +154,28 @@ def _held_back(text: str, stops: list[str]) -> str:
     return text[:keep]
 
 
+def _text(m: ChatMessage) -> str:
+    return m.content if isinstance(m.content, str) else "".join(
+        p.get("text", "") for p in m.content if isinstance(p, dict))
+
+
 def format_chat(messages: list[ChatMessage]) -> str:
-    """Messages -> prompt text: role-tagged turns ending with an open assistant turn."""
+    """Messages -> prompt text for a tokenizer without a chat template: role-tagged turns ending with an open
+    assistant turn."""
     parts = []
     for m in messages:
-        content = m.content if isinstance(m.content, str) else "".join(
-            p.get("text", "") for p in m.content if isinstance(p, dict))
         role = {"system": "System", "user": "User", "assistant": "Assistant"}.get(m.role, m.role.capitalize())
-        parts.append(f"{role}: {content}\n")
+        parts.append(f"{role}: {_text(m)}\n")
     return "".join(parts) + "Assistant:"
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The prompt's token ids: the model's own chat template when its tokenizer has one (HF's rendering, with
+    the system prompt and the opened assistant turn), else `format_chat`."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": m.role, "content": _text(m)} for m in messages],
+                                             add_generation_prompt=True)
+    return tokenizer.encode(format_chat(messages))
 
 
 def create_app(engine: Engine, model_name: str, max_n: int = 16, start_engine: bool = True) -> FastAPI:
@@ -408,7 +421,16 @@ def create_app(engine: Engine, model_name: str, max_n: int = 16, start_engine: b
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await _parse(request, ChatRequest)
-        prompt = _encode(format_chat(req.messages))
+        if tokenizer is None:
+            raise APIError(400, "this server has no tokenizer: chat needs one", param="messages")
+        from jinja2 import TemplateError
+
+        try:
+            prompt = chat_prompt_ids(tokenizer, req.messages)
+        except TemplateError as e:  # e.g. a template's raise_exception on roles it does not know
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await _run(request, req, [prompt], max_tokens, "chat")
 

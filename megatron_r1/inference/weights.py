@@ -3,8 +3,10 @@
 A *full* state dict holds every tensor unsharded, named as a TP=1 / EP=1 model names it (global expert indices,
 SwiGLU fc1 as [gate; up]). `full_state_dict(model)` gathers one from a (TP/EP-sharded) model — every rank of the
 model's groups must call it; `load_full_state_dict(model, full)` slices it into this rank's shards. Together they
-move the trainer's weights into an engine with another TP size or dtype. Expert tensor parallelism (ETP > 1) is
-not supported here (DeepSeek-V3 uses ETP = 1).
+move the trainer's weights into an engine with another TP size or dtype, or another layer spec: names are the local
+spec's (`layer_adapter.canonical_name`: Transformer Engine's fused `...linear_qkv.layer_norm_weight` is
+`...input_layernorm.weight` here), so a TE-spec trainer refits a local-spec engine and back. Expert tensor
+parallelism (ETP > 1) is not supported here (DeepSeek-V3 uses ETP = 1).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1.errors import CheckpointError
+from megatron_r1.inference.layer_adapter import canonical_name
 
 _EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 
@@ -30,8 +33,8 @@ def _groups():
 
 
 def _tensors(model):
-    """Parameters and persistent-or-routing buffers (expert_bias) by name."""
-    out = dict(model.named_parameters())
+    """Parameters and persistent-or-routing buffers (expert_bias) by their local-spec name (`canonical_name`)."""
+    out = {canonical_name(name): p for name, p in model.named_parameters()}
     for name, buf in model.named_buffers():
         if name.endswith("expert_bias"):
             out[name] = buf

@@ -1,8 +1,9 @@
 """Build a Megatron-Core GPTModel from our ModelConfig: the TransformerConfig, the layer spec, the model.
 
 The model knows nothing about the training loop; parallelism comes from `megatron.core.parallel_state`, set up by
-`megatron_r1.parallel` before this is called. Transformer Engine specs are used when TE is installed, local
-(pure torch) specs otherwise — swapped through the spec, not through `if`s in the model.
+`megatron_r1.parallel` before this is called. `model.transformer_impl` picks the layer spec: Transformer Engine's
+when TE is installed on a GPU (`auto`), local (pure torch) modules otherwise, or TE's layout from torch modules
+(`te_standin`) — swapped through the spec, not through `if`s in the model.
 """
 from __future__ import annotations
 
@@ -175,19 +176,50 @@ def _init_duplicated_linears(model, std: float) -> None:
                     module.bias.zero_()
 
 
-def uses_transformer_engine() -> bool:
-    """Whether `build_layer_spec` picks Transformer Engine's modules (TE installed and a GPU present)."""
-    return cpu_compat.te_available() and torch.cuda.is_available()
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine", "te_standin")
 
 
-def build_layer_spec(tconfig, use_te: Optional[bool] = None):
-    """Decoder block spec (and MTP block spec) for this config; local modules where TE is absent."""
+def resolve_transformer_impl(m: Optional[ModelConfig] = None) -> str:
+    """The spec `model.transformer_impl` selects: `local`, `transformer_engine` or `te_standin`.
+
+    `auto` (the default) is Transformer Engine when it imports and a GPU is present, the local spec otherwise.
+    `transformer_engine` insists (a clear ConfigError when TE is missing); `te_standin` is TE's layout built from
+    torch modules (`megatron_r1.models.te_standin`), which runs anywhere.
+    """
+    from megatron_r1.errors import ConfigError
+
+    impl = "auto" if m is None else getattr(m, "transformer_impl", "auto")
+    if impl not in TRANSFORMER_IMPLS:
+        raise ConfigError(f"model.transformer_impl: unknown implementation {impl!r} "
+                          f"(choose from {', '.join(TRANSFORMER_IMPLS)})")
+    te = cpu_compat.te_available()
+    if impl == "auto":
+        return "transformer_engine" if te and torch.cuda.is_available() else "local"
+    if impl == "transformer_engine" and not (te and torch.cuda.is_available()):
+        why = "Transformer Engine does not import here" if not te else "no GPU is present"
+        raise ConfigError(f"model.transformer_impl=transformer_engine: {why}; install the GPU extra on a CUDA "
+                          "machine (pip install -e '.[gpu]', see README) or set model.transformer_impl=local "
+                          "(torch modules) or te_standin (TE's parameter layout with torch modules)")
+    return impl
+
+
+def uses_transformer_engine(m: Optional[ModelConfig] = None) -> bool:
+    """Whether `build_model` picks Transformer Engine's modules for `m` (no config: the `auto` choice, TE
+    installed and a GPU present)."""
+    return resolve_transformer_impl(m) == "transformer_engine"
+
+
+def build_layer_spec(tconfig, impl: str = "local"):
+    """Decoder block spec (and MTP block spec) for this config and implementation (`resolve_transformer_impl`)."""
     import copy
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
-    if use_te is None:
-        use_te = uses_transformer_engine()
+    if impl == "te_standin":
+        from megatron_r1.models.te_standin import standin_layer_spec
+
+        return standin_layer_spec(tconfig)
+    use_te = impl == "transformer_engine"
     block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=use_te, normalization="RMSNorm")
     table = {}
     if not use_te:
@@ -218,8 +250,9 @@ def build_model(m: ModelConfig, p: ParallelConfig, precision: str = "auto", pre_
     from megatron.core.models.gpt import GPTModel
 
     cpu_compat.install()
+    impl = resolve_transformer_impl(m)
     tconfig = build_transformer_config(m, p, precision)
-    block, mtp = build_layer_spec(tconfig)
+    block, mtp = build_layer_spec(tconfig, impl)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True) if ps.is_initialized() else True
     if post_process is None:

@@ -1,7 +1,7 @@
 """Pure-torch modules for Megatron-Core specs when Transformer Engine is absent (CPU, or GPUs without TE).
 
 Megatron's local `DotProductAttention` assumes equal K and V head sizes, which MLA breaks, and its torch norm
-refuses sequence parallelism, which MoE with TP requires; these two modules fill those gaps (MCORE_CPU.md 8, 9).
+refuses sequence parallelism, which MoE with TP requires; these two modules fill those gaps (docs/mcore_cpu.md 8, 9).
 """
 from __future__ import annotations
 
@@ -77,7 +77,13 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x):
-        dtype = x.dtype
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back to x's dtype (as TE's RMSNorm kernels
+    do): the one RMSNorm of the local modules, the TE stand-in's fused norm and the generator."""
+    dtype = x.dtype
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(dtype)

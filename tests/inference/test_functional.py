@@ -1,4 +1,6 @@
 """The functional forward reproduces Megatron's GPTModel: full-sequence logits, and cached prefill + decode."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,3 +107,75 @@ def test_one_token_prompt_then_decode(models, preset):
         out = fn.decode(tokens[:, t], torch.tensor([t]), cache)[0]
         worst = max(worst, (out - ref[t]).abs().max().item())
     assert worst < 1e-5, f"{preset}: max |logit diff| {worst:.2e}"
+
+
+def _variant(preset: str, seed: int = 0, **fields):
+    """A TP=1 fp32 model of `preset` with ModelConfig `fields` changed, every weight random (as conftest's)."""
+    from megatron_r1.config import ParallelConfig
+    from megatron_r1.models import build_model, get_preset
+
+    torch.manual_seed(seed)
+    model = build_model(dataclasses.replace(get_preset(preset), **fields), ParallelConfig(), "fp32").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("layernorm.weight") else p.normal_(0.0, 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.normal_(0.0, 0.1)
+    return model
+
+
+def _cached_worst(model, tokens, steps=5, ref=None, **kw):
+    """Max |logit diff| against Megatron's full forward (of `ref` when given) of: the full-sequence prefill, then
+    a ragged prefill (each row `steps` + its row index tokens short) and `steps` decode steps."""
+    B, T = tokens.shape
+    ref = _megatron_logits(ref or model, tokens)
+    fn = FunctionalGPT(model, max_seq=64, **kw)
+    worst = (fn.prefill(tokens, torch.full((B,), T), all_logits=True) - ref).abs().max().item()
+    cache = fn.new_cache(B)
+    pos = T - steps - torch.arange(B)
+    rows = torch.arange(B)
+    logits = fn.prefill(tokens[:, :int(pos.max())], pos.clone(), cache)
+    worst = max(worst, (logits - ref[rows, pos - 1]).abs().max().item())
+    for _ in range(steps):
+        out = fn.decode(tokens[rows, pos], pos, cache)
+        worst = max(worst, (out - ref[rows, pos]).abs().max().item())
+        pos += 1
+    return worst
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_mla_with_plain_rope(parallel_tp1, absorb):
+    """MLA with rope_type="rope" (no YaRN): its rotary module returns the frequencies alone, not (freqs, mscale)
+    as YaRN's does, and used to crash the engine's construction."""
+    model = _variant("deepseek_v3_tiny", rope_type="rope", num_layers=2)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(6))
+    worst = _cached_worst(model, tokens, mla_absorb=absorb)
+    assert worst < 1e-5, f"max |logit diff| {worst:.2e}"
+
+
+@pytest.mark.parametrize("pre_softmax", [False, True])
+def test_softmax_router(parallel_tp1, pre_softmax):
+    """The softmax router (Mixtral/Qwen-MoE style, no expert bias): softmax over the top-k logits, or over all
+    experts before top-k (moe_router_pre_softmax), with group-limited routing and the routed scaling factor."""
+    model = _variant("deepseek_v3_tiny", moe_router_score_function="softmax", moe_router_enable_expert_bias=False,
+                     num_layers=2)
+    model.config.moe_router_pre_softmax = pre_softmax  # read by Megatron's router at every forward
+    assert model.decoder.layers[1].mlp.router.expert_bias is None
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
+    worst = _cached_worst(model, tokens)
+    assert worst < 1e-5, f"max |logit diff| {worst:.2e}"
+
+
+def test_mtp_layers_do_not_change_generation(parallel_tp1):
+    """An MTP model generates from its main head: the functional forward equals Megatron's forward of the same
+    weights without the MTP block (GPTModel itself needs labels once MTP is built)."""
+    from megatron_r1.inference import weights
+
+    mtp = _variant("deepseek_v3_tiny", mtp_num_layers=1, num_layers=2)
+    assert any(n.startswith("mtp.") for n, _ in mtp.named_parameters())
+    plain = _variant("deepseek_v3_tiny", num_layers=2, seed=1)
+    weights.load_full_state_dict(plain, weights.full_state_dict(mtp))
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(8))
+    worst = _cached_worst(mtp, tokens, ref=plain)
+    assert worst < 1e-5, f"max |logit diff| {worst:.2e}"
