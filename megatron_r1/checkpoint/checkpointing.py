@@ -166,7 +166,8 @@ def save_checkpoint(state, save_dir: str | Path, keep_last: int = 2) -> Path:
     }
     _dist_save(sharded_sd, tmp)
     if rank == 0:
-        (tmp / CONFIG_FILE).write_text(dump_yaml(state.config))
+        (tmp / CONFIG_FILE).write_text(dump_yaml(_config_to_record(state.config)))
+        carry_identity(state.config, save_dir, tmp)
     _barrier()  # every rank's shards are on disk: only now may the directory become visible as a checkpoint
 
     final = save_dir / layout.iteration_dir_name(state.step)
@@ -176,6 +177,46 @@ def save_checkpoint(state, save_dir: str | Path, keep_last: int = 2) -> Path:
             log.info("removed old checkpoint %s (keep_last=%d)", old, keep_last)
     _barrier()
     return final
+
+
+# HF files that describe the model beside its weights: carried from checkpoint to checkpoint so that an export
+# at any stage writes the source's exact config.json (bos/eos/pad ids, float32 rms_norm_eps, ...).
+MODEL_ASSETS = ("config.json", "tensor_dtypes.json", "generation_config.json")
+
+
+def _config_to_record(cfg):
+    """The config saved beside a checkpoint: a tokenizer that lives inside a checkpoint is recorded as `null`
+    (this checkpoint's own copy, see carry_identity), never as a path into a directory that may be pruned."""
+    import copy
+
+    from megatron_r1.data.tokenizer import is_checkpoint_tokenizer
+
+    if not is_checkpoint_tokenizer(cfg.tokenizer.path):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.tokenizer.path = None
+    return cfg
+
+
+def carry_identity(cfg, save_dir: Path, iter_dir: Path) -> Path:
+    """Write `iter_dir/hf/`: the run's tokenizer files (with its chat template) and the HF model files of the
+    checkpoint the run started from (the previous checkpoint of `save_dir`, else `checkpoint.load`); returns it.
+
+    So every stage's checkpoint serves, evaluates and exports with the tokenizer and config it was made with."""
+    from megatron_r1.data.tokenizer import CHECKPOINT_ASSETS, checkpoint_assets_dir, copy_tokenizer_files
+
+    out = iter_dir / CHECKPOINT_ASSETS
+    out.mkdir(exist_ok=True)
+    sources = [save_dir] + ([cfg.checkpoint.load] if cfg.checkpoint.load else [])
+    assets = next((a for a in map(checkpoint_assets_dir, sources) if a is not None), None)
+    if assets is not None:
+        import shutil
+
+        for name in MODEL_ASSETS:
+            if (assets / name).is_file():
+                shutil.copy2(assets / name, out / name)
+    copy_tokenizer_files(cfg.tokenizer.path, out)
+    return out
 
 
 def load_checkpoint(state, load_dir: str | Path, load_optimizer: bool = True, finetune: bool = False) -> bool:
@@ -201,6 +242,12 @@ def load_checkpoint(state, load_dir: str | Path, load_optimizer: bool = True, fi
             f" expected {FORMAT_VERSION}); for weights only use load_model_only"
         )
     rank, world = _rank(), _world()
+    if common.get("model_only") and not finetune:
+        # Weights only (a converted HF model, save_model_only): there is no optimizer, schedule or step to restore,
+        # so this is the start of a fine-tuning run whatever checkpoint.finetune / load_optimizer say.
+        if rank == 0:
+            log.warning("%s holds model weights only: starting a fresh optimizer and LR schedule at step 0", ckpt)
+        finetune = True
     restore_optimizer = load_optimizer and not finetune
     # A checkpoint written before the first optimizer step has no Adam moments to restore (Adam starts fresh).
     restore_moments = restore_optimizer and common.get("optimizer_state", True)

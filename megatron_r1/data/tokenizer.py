@@ -1,9 +1,16 @@
-"""Tokenizers behind one interface: the built-in demo tokenizer and HF `tokenizer.json` files."""
+"""Tokenizers behind one interface: the built-in demo tokenizer and HF `tokenizer.json` files.
+
+An HF tokenizer directory also carries the model's chat template (`chat_template.jinja` or tokenizer_config.json's
+`chat_template`); `HFTokenizer.apply_chat_template` renders it with transformers' own implementation, so prompts
+built here are the ones HF builds for the same messages. `copy_tokenizer_files` is how checkpoints carry their
+tokenizer forward (byte-identical files, not a re-serialisation).
+"""
 from __future__ import annotations
 
 import abc
 import json
 import re
+import shutil
 import string
 from pathlib import Path
 
@@ -27,6 +34,17 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def save(self, directory: str | Path) -> None: ...
+
+    chat_template: str | None = None  # jinja text of the model's chat template, when it has one
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text of `messages` ([{"role", "content"}, ...]) through the model's chat template."""
+        raise ConfigError("this tokenizer has no chat template (an HF tokenizer directory with chat_template.jinja "
+                          "or tokenizer_config.json's chat_template has one)")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the chat template (special tokens in the text become their ids)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
 
 
 DEMO_FILE = "demo_tokenizer.json"
@@ -138,6 +156,26 @@ class HFTokenizer(Tokenizer):
         pad = self._special(config.get("pad_token"), ["<pad>", "<|pad|>", "[PAD]"])
         self.pad_id = self.eos_id if pad is None else pad
         self.config = config
+        jinja = self.directory / "chat_template.jinja"
+        template = jinja.read_text() if path.is_dir() and jinja.is_file() else config.get("chat_template")
+        self.chat_template = template if isinstance(template, str) and template else None
+        self._hf = None
+
+    def _hf_tokenizer(self):
+        """transformers' tokenizer of this directory (loaded once, offline): the chat template's renderer."""
+        if self._hf is None:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(str(self.directory), local_files_only=True)
+        return self._hf
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """`messages` through the model's chat template, rendered by HF's own `apply_chat_template` (system
+        prompt, special tokens, the opened assistant turn exactly as transformers builds them)."""
+        if self.chat_template is None:
+            return super().render_chat(messages, add_generation_prompt)
+        return self._hf_tokenizer().apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt)
 
     def _special(self, configured, candidates: list[str]) -> int | None:
         if isinstance(configured, dict):
@@ -165,9 +203,52 @@ class HFTokenizer(Tokenizer):
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """`builtin:demo`, a directory (demo_tokenizer.json or HF tokenizer.json), or a path to a tokenizer.json."""
-    if spec == "builtin:demo":
+# The files of an HF tokenizer directory that define it (and its chat template / generation defaults).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json", DEMO_FILE)
+
+
+def copy_tokenizer_files(spec: str, dst: str | Path) -> list[str]:
+    """Write the tokenizer `spec` names into directory `dst` as files `load_tokenizer(dst)` reads back; returns
+    the names written. HF files are copied byte for byte (with their chat template); the demo tokenizer is saved."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if spec is None or spec.startswith("builtin:"):
+        load_tokenizer(spec).save(dst)
+        return [DEMO_FILE]
+    path = Path(spec)
+    if path.is_file():
+        name = DEMO_FILE if path.name == DEMO_FILE else "tokenizer.json"
+        shutil.copy2(path, dst / name)
+        copied = [name]
+        if name != DEMO_FILE:  # a tokenizer.json named by path: its directory's config files belong to it
+            for n in TOKENIZER_FILES[1:-1]:
+                if (path.parent / n).is_file():
+                    shutil.copy2(path.parent / n, dst / n)
+                    copied.append(n)
+        return copied
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (path / name).is_file():
+            if (path / name).resolve() != (dst / name).resolve():
+                shutil.copy2(path / name, dst / name)
+            copied.append(name)
+    if not copied:
+        raise ConfigError(f"tokenizer {spec!r}: no tokenizer files to copy")
+    return copied
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / "tokenizer.json").is_file() or (directory / DEMO_FILE).is_file()
+
+
+def load_tokenizer(spec: str | None) -> Tokenizer:
+    """`builtin:demo`, a directory (demo_tokenizer.json or HF tokenizer.json), or a path to a tokenizer.json.
+
+    None (an unresolved `tokenizer.path`: no checkpoint carried one) is the demo tokenizer."""
+    if spec is None or spec == "builtin:demo":
         return DemoTokenizer()
     if spec.startswith("builtin:"):
         raise ConfigError(f"unknown built-in tokenizer {spec!r}; known: builtin:demo")
@@ -181,3 +262,89 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return HFTokenizer(path)
     raise ConfigError(f"tokenizer {spec!r}: expected builtin:demo, a directory with tokenizer.json or "
                       f"{DEMO_FILE}, or a tokenizer.json file")
+
+
+# ---------------------------------------------------------------------------------- a checkpoint's own tokenizer
+# Every checkpoint (converted or saved by a stage) keeps its tokenizer, chat template and HF config files in this
+# subdirectory of its iteration directory (converted checkpoints: of the checkpoint root). File-system only, so
+# config loading can use it without importing torch.
+CHECKPOINT_ASSETS = "hf"
+
+
+def checkpoint_assets_dir(ckpt: str | Path) -> Path | None:
+    """The `hf/` directory of a checkpoint (root with `latest`, or an iteration directory), or None."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return None
+    dirs = [ckpt]
+    latest = ckpt / "latest"
+    if latest.is_file():
+        name = latest.read_text().strip()
+        if name and "/" not in name and (ckpt / name).is_dir():
+            dirs.insert(0, ckpt / name)
+    elif (ckpt / "metadata.json").is_file():
+        dirs.append(ckpt.parent)  # an iteration directory of a checkpoint whose root holds hf/
+    for d in dirs:
+        if (d / CHECKPOINT_ASSETS).is_dir():
+            return d / CHECKPOINT_ASSETS
+    return None
+
+
+def checkpoint_tokenizer(ckpt: str | Path) -> Path | None:
+    """The directory of the tokenizer a checkpoint carries (its `hf/`), or None when it carries none."""
+    assets = checkpoint_assets_dir(ckpt)
+    return assets if assets is not None and has_tokenizer_files(assets) else None
+
+
+def is_checkpoint_tokenizer(spec: str | None) -> bool:
+    """Whether `spec` names a tokenizer carried inside a checkpoint (such a path is recorded as `null`: the
+    checkpoint's own, which every checkpoint saved from it carries too)."""
+    if not spec or spec.startswith("builtin:"):
+        return False
+    path = Path(spec)
+    parent = path.parent
+    return path.name == CHECKPOINT_ASSETS and ((parent / "latest").is_file() or (parent / "metadata.json").is_file())
+
+
+def _vocab_size(spec: str) -> int:
+    return load_tokenizer(spec).vocab_size
+
+
+def tokenizer_for_checkpoint(explicit: str | None, ckpt: str | Path | None, model_vocab: int,
+                             source: str = "tokenizer.path", fallback: str | None = None) -> str:
+    """The tokenizer spec for a model loaded from checkpoint `ckpt` (None: not from a checkpoint).
+
+    `explicit` (what the user set) wins; unset, the checkpoint's own tokenizer, else `fallback`, else the demo
+    tokenizer. A tokenizer that cannot be this checkpoint's is a ConfigError naming both: an explicit one whose
+    vocabulary differs from the one the checkpoint carries, or the demo tokenizer for a larger model."""
+    carried = checkpoint_tokenizer(ckpt) if ckpt else None
+    if explicit is None:
+        if carried is not None:
+            return str(carried)
+        if fallback is not None:
+            return fallback
+        demo = DemoTokenizer().vocab_size
+        # Models made for the demo tokenizer pad its ids a little (the tiny presets: 512); a real model's
+        # vocabulary (tens of thousands) means its tokenizer is missing.
+        if ckpt is not None and model_vocab > 2 * demo:
+            raise ConfigError(f"{source}: unset, and checkpoint {ckpt} carries no tokenizer; the built-in demo "
+                              f"tokenizer ({demo} ids) cannot be the tokenizer of its {model_vocab}-id model: "
+                              f"name the model's tokenizer")
+        return "builtin:demo"
+    if carried is not None and Path(explicit).resolve() != carried.resolve():
+        ours, theirs = _vocab_size(explicit), _vocab_size(str(carried))
+        if ours != theirs:
+            raise ConfigError(f"{source}: {explicit} has {ours} tokens, but checkpoint {ckpt} was made with a "
+                              f"{theirs}-token tokenizer ({carried}); leave it unset to use the checkpoint's own")
+    return explicit
+
+
+def resolve_tokenizer(cfg, source: str = "config") -> None:
+    """Fill an unset `tokenizer.path` (None) from the checkpoint the run starts from (the resumed
+    `checkpoint.save`, else `checkpoint.load`), see tokenizer_for_checkpoint; in place."""
+    ck = cfg.checkpoint
+    start = next((d for d in (ck.save, ck.load) if d and (Path(d) / "latest").is_file()), None)
+    if start is None and ck.load and (Path(ck.load) / "metadata.json").is_file():
+        start = ck.load
+    cfg.tokenizer.path = tokenizer_for_checkpoint(cfg.tokenizer.path, start, cfg.model.vocab_size,
+                                                  f"{source}: tokenizer.path")

@@ -58,7 +58,7 @@ def run_sft(cfg: Config) -> dict:
     ctx = init_parallel(cfg.parallel, t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     check_vocab(cfg, tokenizer)
-    template = get_template(cfg.data.template)
+    template = get_template(cfg.data.template, tokenizer)
     train = load_dataset(cfg.data.source, field_map=cfg.data.field_map or None, split="train",
                          skip_bad_rows=cfg.data.skip_bad_rows, **cfg.data.options)
     if not train:

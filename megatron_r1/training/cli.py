@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("config", help="YAML config file")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides (YAML values)")
     ap.add_argument("--dry-run", action="store_true", help="validate config and layout, print the plan, exit")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # `--dry-run` anywhere, before or among the overrides
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from megatron_r1.planning import dry_run

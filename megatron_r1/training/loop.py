@@ -62,7 +62,7 @@ def run_loop(state: TrainState, total_steps: int, run_one_step: Callable[[TrainS
     if is_log:
         write_run_config(cfg, run_dir)
         log.info("%s: %d steps (from step %d), run dir %s", desc, total_steps, state.step, run_dir)
-    metrics_logger = MetricsLogger(run_dir, enabled=is_log, tensorboard=cfg.logging.tensorboard)
+    metrics_logger = MetricsLogger.from_config(cfg, enabled=is_log)
     bar = None
     if is_log and cfg.logging.progress:
         from tqdm.auto import tqdm

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_r1.checkpoint.convert import convert_hf_to_mcore, convert_mcore_to_hf, load_mcore_model
 from megatron_r1.errors import CheckpointError
+from tests.checkpoint.hf_assets import write_tiny_tokenizer
 from tests.distributed import run_distributed
 
 VOCAB = 300  # not a multiple of 128: exercises vocab padding
@@ -55,7 +56,7 @@ def _make_hf(arch: str, path: Path) -> Path:
         model = tf.LlamaForCausalLM(cfg)
     _randomize(model, seed=len(arch))
     model.save_pretrained(path)
-    (path / "tokenizer.json").write_text('{"fake": "tokenizer"}')  # copied through, never parsed
+    write_tiny_tokenizer(path, VOCAB)  # a real one: exports read its special ids
     return path
 
 

