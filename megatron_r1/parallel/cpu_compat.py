@@ -2,7 +2,7 @@
 
 Installed by `install()` only when CUDA is absent; on a GPU nothing here is touched. Each bridge has a test in
 tests/parallel/test_cpu_compat.py that fails if a Megatron-Core upgrade makes it unnecessary or wrong. The numbers
-refer to ../shared/MCORE_CPU.md.
+refer to docs/mcore_cpu.md.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def get_cpu_rng_tracker(*args, **kwargs):
 
 
 def model_parallel_manual_seed(seed: int) -> None:
-    """CPU version of `model_parallel_cuda_manual_seed`: same offsets (2718 + TP rank; experts 1024 + 100·EP rank + ETP rank)."""
+    """CPU version of `model_parallel_cuda_manual_seed`: same offsets (2718 + TP rank; experts 1024 + 100·EP rank
+    + ETP rank)."""
     from megatron.core import parallel_state as ps
 
     torch.manual_seed(seed)
@@ -285,12 +286,46 @@ def install() -> bool:
 
 
 def te_available() -> bool:
+    """Whether Transformer Engine imports (its PyTorch part included).
+
+    Not installed at all (`import transformer_engine` finds no module) counts as absent, silently: the local
+    spec is the documented fallback (model.transformer_impl=auto). An install that is there but broken or
+    mismatched counts as absent too, with one warning naming the error, so the local spec runs instead of the
+    process dying at import: a core without its PyTorch part (`pip install transformer-engine[core-cu13]`
+    without `pytorch`), a library built for another torch (an ImportError or OSError for an undefined symbol),
+    a flash-attn that TE imports and that was built for another torch, a version check that raises."""
     try:
         import transformer_engine  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name == "transformer_engine":
+            return False  # not installed
+        _warn_broken_te(e)
+        return False
+    except Exception as e:  # noqa: BLE001 - any failure of an optional package's import means "not usable"
+        _warn_broken_te(e)
+        return False
+    try:
         import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - as above: TE is there, its PyTorch part is not usable
+        _warn_broken_te(e)
         return False
     return True
+
+
+_WARNED_BROKEN_TE = False
+
+
+def _warn_broken_te(error: BaseException) -> None:
+    """Once per process: te_available() is asked many times."""
+    global _WARNED_BROKEN_TE
+    if _WARNED_BROKEN_TE:
+        return
+    _WARNED_BROKEN_TE = True
+    import warnings
+
+    warnings.warn(f"Transformer Engine is installed but does not import ({type(error).__name__}: {error}); using "
+                  "the local (torch) layer spec. Reinstall the [gpu] extra built for this torch (README, GPU section).",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _disable_te_flags():

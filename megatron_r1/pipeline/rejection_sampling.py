@@ -115,7 +115,7 @@ def build_generator(cfg: Config, checkpoint: str, max_new_tokens: int):
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     engine = Engine(model, tokenizer=tokenizer, max_batch_size=cfg.generation.max_batch_size,
                     max_seq_len=cfg.rl.max_prompt_length + max_new_tokens + 1)
-    return engine, tokenizer, get_template(cfg.data.template), ctx
+    return engine, tokenizer, get_template(cfg.data.template, tokenizer), ctx
 
 
 def _max_new(cfg: Config, opts: SamplingOptions) -> int:

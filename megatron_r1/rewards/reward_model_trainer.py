@@ -82,7 +82,7 @@ def run_reward_model(cfg: Config) -> dict:
     ctx = init_parallel(cfg.parallel, t.seed)
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     check_vocab(cfg, tokenizer)
-    template = get_template(cfg.data.template)
+    template = get_template(cfg.data.template, tokenizer)
     train = load_preferences(cfg.data.source, "train", cfg.data.field_map or None, **cfg.data.options)
     held = load_preferences(cfg.data.eval_source or cfg.data.source, "test", cfg.data.field_map or None,
                             **cfg.data.options)

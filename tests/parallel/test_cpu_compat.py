@@ -3,7 +3,7 @@
 "Needed" is shown against Megatron-Core's own code: either its source still names the GPU where the bridge says it
 does, or a pristine copy of the module (loaded from the same file, without our patches) fails on CPU. When an
 upgrade removes the CUDA assumption these tests fail, and the bridge should go. "Right" is shown by running the
-bridged path. The numbers are those of cpu_compat.py / ../shared/MCORE_CPU.md.
+bridged path. The numbers are those of cpu_compat.py / docs/mcore_cpu.md.
 """
 from __future__ import annotations
 
@@ -183,3 +183,26 @@ def test_gloo_all_to_all_rejects_tensor_splits_and_the_bridge_converts_them():
     (err0, out0), (err1, out1) = run_distributed(_all_to_all, 2)
     assert err0 and err1, "gloo accepted tensor split sizes: the all-to-all bridge (7) is no longer needed"
     assert out0 == [0.0, 10.0, 11.0] and out1 == [1.0, 2.0, 12.0]
+
+
+def test_broken_transformer_engine_counts_as_absent(monkeypatch):
+    """An installed TE built for another torch fails at import with something other than ImportError (an OSError
+    for an undefined symbol): that must mean "no TE" with a warning, not a crash."""
+    import builtins
+    import sys
+
+    from megatron_r1.parallel import cpu_compat
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.startswith("transformer_engine"):
+            raise OSError("libtransformer_engine.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in sys.modules if m.startswith("transformer_engine")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(cpu_compat, "_WARNED_BROKEN_TE", False)
+    with pytest.warns(RuntimeWarning, match="undefined symbol"):
+        assert cpu_compat.te_available() is False
