@@ -318,10 +318,13 @@ class Engine:
 
     def _admission_blocks(self) -> int:
         """Blocks admission may hand out now: the free ones less a watermark (1% of the pool, at least one) kept for
-        the running requests' growth, so a new admission is not preempted at once."""
+        the running requests' growth, so a new admission is not preempted at once. With nothing running there is
+        no growth to keep blocks for: the whole pool is admissible (the pool holds at least one full context), so
+        a request always starts — a watermark there would leave a one-context pool admitting nothing, forever."""
         if not self.paged:
             return 0
-        return self.cache.num_free - max(1, (self.cache.num_blocks - 1) // 100)
+        reserve = max(1, (self.cache.num_blocks - 1) // 100) if self._rows else 0
+        return self.cache.num_free - reserve
 
     def _note_blocks(self):
         self.stats["kv_blocks_peak"] = max(self.stats["kv_blocks_peak"], self.cache.pool.num_used)

@@ -167,6 +167,21 @@ def test_tiny_pool_preempts_and_completes_everything(models, preset, caplog):
     _assert_all_free(engine)
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_pool_of_one_context_still_admits_and_finishes(models, preset):
+    """The smallest legal pool (one full context per slot, here one slot and one block): the admission watermark
+    must not starve it (it did: generate() looped forever). Several requests run one after another."""
+    model = models[preset]
+    prompts = _prompts(3, seed=4, lo=6, hi=9)
+    params = _sampling(3, max_tokens=5)
+    kw = dict(max_batch_size=1, max_seq_len=14, kv_block_size=16)
+    want = Engine(model, kv_cache="contiguous", **kw).generate(prompts, params)
+    engine = Engine(model, kv_cache="paged", **kw)
+    assert engine.cache.num_blocks - 1 == 1
+    _assert_same(engine.generate(prompts, params), want, tol=1e-5)
+    _assert_all_free(engine)
+
+
 def test_pool_sizing(models):
     """kv_cache_memory_gb -> blocks by the per-token bytes; a pool smaller than one full-context request is refused."""
     model = models["deepseek_v3_tiny"]

@@ -33,17 +33,23 @@ def _nan_once(rank, world, tmp):
     import megatron_r1.ops as ops
     from megatron_r1.rl.trainer import run_grpo
 
-    real = ops.grpo_policy_loss
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        loss, metrics = real(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 1 else loss), metrics
+    def poison(real):
+        # The first loss the update computes is NaN, whichever op computes it: the fused op (token-level
+        # losses, the default) or the composed one (sequence-level ratios). Both return the loss first.
+        def poisoned(*args, **kwargs):
+            loss, *rest = real(*args, **kwargs)
+            calls["n"] += 1
+            return (loss * float("nan") if calls["n"] == 1 else loss, *rest)
+        return poisoned
 
-    ops.grpo_policy_loss = poisoned
+    ops.grpo_policy_loss = poison(ops.grpo_policy_loss)
+    ops.fused_grpo_loss = poison(ops.fused_grpo_loss)
     cfg = grpo_config(tmp, ["training.train_steps=2"])
-    return run_grpo(cfg)
+    result = run_grpo(cfg)
+    assert calls["n"] > 1, "the policy update called neither loss op: the poison did not reach it"
+    return result
 
 
 def test_nan_loss_step_is_skipped_and_run_continues(tmp_path):
