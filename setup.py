@@ -62,6 +62,9 @@ extras = {
         "gguf==0.19.0",
         "sentencepiece==0.2.3",
         "wandb==0.31.0",  # the logging.wandb tests run a real offline run
+        "ruff==0.17.5",  # lint (pyproject.toml [tool.ruff]); .ci/run and pre-commit run it
+        "mypy==2.4.1",  # type checks on the typed seams (pyproject.toml [tool.mypy])
+        "pre-commit==4.7.0",
     ],
     "bench": ["trl==1.16.0", "liger-kernel==0.8.5"],
     "wandb": ["wandb==0.31.0"],  # logging.wandb=true; offline mode needs no network

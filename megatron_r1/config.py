@@ -238,7 +238,8 @@ class RLConfig:
     kl_coef: float = 0.001
     kl_estimator: str = "k3"
     # seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO: ÷ answers ×
-    # max_response_length, a constant). The choices below are explained, with verl's and TRL's, in docs/rl_conventions.md
+    # max_response_length, a constant). The choices below are explained, with verl's and TRL's, in
+    # docs/rl_conventions.md
     loss_agg: str = "seq-mean-token-mean"
     advantage_estimator: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline
     policy_loss: str = "clip"  # clip (PPO/GRPO) | dual_clip | cispo | gspo (sequence ratio)

@@ -2,7 +2,8 @@
 
 Tokens/s at batch 1, 8, 32 with 64 new tokens (greedy, no early stop), both in this process on the same
 threads, fp32 unless --precision says otherwise; prints the ratio engine / HF per batch size (HF time / engine
-time, each the best of --repeats runs, the two alternating) and the load average before and after. The model is a Llama-shaped Megatron GPTModel (preset
+time, each the best of --repeats runs, the two alternating) and the load average before and after. The model is a
+Llama-shaped Megatron GPTModel (preset
 `llama_tiny` by default, or a wider one via --hidden/--layers) copied into an HF LlamaForCausalLM by
 megatron_r1.inference.hf_llama.to_hf. On a GPU it also reports decode's share of the memory-bandwidth roofline.
 
@@ -73,11 +74,11 @@ def main(argv=None):
     for b in args.batches:
         prompts = torch.randint(0, m_cfg.vocab_size, (b, args.prompt_len), generator=gen)
 
-        def ours():
+        def ours(prompts=prompts):
             res = engine.generate(prompts.tolist(), sp)
             assert all(len(r.token_ids) == args.new_tokens for r in res)
 
-        def theirs():
+        def theirs(prompts=prompts):
             with torch.inference_mode():
                 out = hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,

@@ -5,7 +5,8 @@ weights (ours saved with save_model_only, exported to an HF `DeepseekV3ForCausal
 converter; the logits of the two are compared before timing), on the SAME prompts in the same order
 (builtin:demo_arithmetic, r1_zero template), with the same B prompts x G answers, max new tokens L, temperature
 1.0, KL 0.001 (k3; both keep a frozen reference model), clip 0.2, seq-mean-token-mean loss (TRL loss_type="grpo"),
-group-std advantages, Adam lr 1e-4 constant (betas 0.9/0.95, no weight decay), grad clip 1.0, one optimizer step per RL step (one mini-batch = B*G), the
+group-std advantages, Adam lr 1e-4 constant (betas 0.9/0.95, no weight decay), grad clip 1.0, one optimizer step
+per RL step (one mini-batch = B*G), the
 same rule rewards (accuracy 1.0 + format 0.5, our own reward functions on both sides), fp32 on the CPU.
 
 Tokenizer: TRL gets a `transformers.PreTrainedTokenizer` wrapping our built-in demo tokenizer, so prompts are the
@@ -306,7 +307,8 @@ def run_trl(args, work: str, prompt_rows: list[list[dict]]) -> dict:
         output_dir=str(work / "trl"), per_device_train_batch_size=bg, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         beta=KL, epsilon=0.2, loss_type="grpo", scale_rewards="group", num_iterations=1, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, use_vllm=False,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0,
+        use_vllm=False,
         use_cpu=True, bf16=False, fp16=False, report_to="none", logging_steps=1, max_steps=args.steps + 1,
         save_strategy="no", seed=SEED, shuffle_dataset=False, reward_weights=list(REWARD_WEIGHTS.values()),
         dataloader_num_workers=0, disable_tqdm=True, log_completions=False,

@@ -253,7 +253,7 @@ def main(argv=None):
         base = row["methods"].get("naive", {})
         floor = row["methods"].get("floor", {})
         flops = 6 * shape[0] * shape[1] * shape[2]
-        for m, r in row["methods"].items():
+        for r in row["methods"].values():
             if "time_s" not in r:
                 continue
             if "time_s" in base:

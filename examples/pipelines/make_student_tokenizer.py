@@ -37,7 +37,8 @@ def main() -> None:
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     OUT.mkdir(exist_ok=True)
     tok.save(str(OUT / "tokenizer.json"))
-    (OUT / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}, indent=1) + "\n")
+    special = {"eos_token": "<eos>", "pad_token": "<pad>"}
+    (OUT / "tokenizer_config.json").write_text(json.dumps(special, indent=1) + "\n")
     print(f"{OUT}: {tok.get_vocab_size()} tokens")
 
 

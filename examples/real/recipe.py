@@ -43,7 +43,8 @@ def timed(times: str, name: str, cmd: list[str]) -> int:
     wall = time.time() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    row = {"step": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "max_rss_gb": round(after.ru_maxrss / 2**20, 2),
+    row = {"step": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+           "max_rss_gb": round(after.ru_maxrss / 2**20, 2),
            "load_avg": [round(x, 2) for x in os.getloadavg()], "rc": rc}
     with open(times, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -91,7 +92,8 @@ def check_export(hf_dir: str, out: str, n: int = 8, max_new_tokens: int = 64) ->
         ok = (extract_answer(text) or "").strip() == s["answer"]
         correct, stopped = correct + ok, stopped + stop
         rows.append({"prompt": s["prompt"], "answer": s["answer"], "completion": text, "correct": ok, "eos": stop})
-    result = {"hf_dir": hf_dir, "model_type": model.config.model_type, "eos_token_id": model.generation_config.eos_token_id,
+    result = {"hf_dir": hf_dir, "model_type": model.config.model_type,
+              "eos_token_id": model.generation_config.eos_token_id,
               "problems": n, "greedy_accuracy": correct / n, "stopped_at_eos": stopped / n, "samples": rows}
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"transformers loaded {hf_dir}: greedy accuracy {correct}/{n}, stopped at EOS {stopped}/{n}")

@@ -238,7 +238,8 @@ def load_checkpoint(state, load_dir: str | Path, load_optimizer: bool = True, fi
     common = _load_common(ckpt).get("common")
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{ckpt}: not a megatron-r1 training checkpoint (format {None if common is None else common.get('format_version')!r},"
+            f"{ckpt}: not a megatron-r1 training checkpoint "
+            f"(format {None if common is None else common.get('format_version')!r},"
             f" expected {FORMAT_VERSION}); for weights only use load_model_only"
         )
     rank, world = _rank(), _world()

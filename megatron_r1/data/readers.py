@@ -133,7 +133,8 @@ def read_rows(path: Path, split: str) -> Iterator[tuple[str, object]]:
         import pyarrow.parquet as pq
 
         return _table_rows(pq.read_table(path), str(path))
-    raise DataError(f"{path}: unsupported dataset file type {path.suffix!r} (use .jsonl, .parquet or a HF datasets dir)")
+    raise DataError(f"{path}: unsupported dataset file type {path.suffix!r} "
+                    "(use .jsonl, .parquet or a HF datasets dir)")
 
 
 def load_path(path: str | Path, field_map: dict | None = None, split: str = "train",

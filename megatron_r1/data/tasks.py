@@ -111,7 +111,8 @@ def demo_arithmetic(num_samples: int = 1000, seed: int = 0, split: str = "train"
     digit pair also occurs, under other tens digits, in the training split.
     """
     if difficulty not in _DEMO_LEVELS:
-        raise ConfigError(f"builtin:demo_arithmetic: difficulty must be one of {sorted(_DEMO_LEVELS)}, got {difficulty}")
+        raise ConfigError(f"builtin:demo_arithmetic: difficulty must be one of {sorted(_DEMO_LEVELS)}, "
+                          f"got {difficulty}")
     if difficulty == 0:
         def make0(rng):
             tens, op = rng.randint(1, 9), rng.choice("+-")

@@ -227,7 +227,7 @@ def create_app(engine: Engine, model_name: str, max_n: int = 16, start_engine: b
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}")
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:
@@ -235,7 +235,7 @@ def create_app(engine: Engine, model_name: str, max_n: int = 16, start_engine: b
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(x) for x in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}", param=param)
+            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
         if req.model != model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -279,11 +279,11 @@ def create_app(engine: Engine, model_name: str, max_n: int = 16, start_engine: b
         except QueueFullError as e:
             for h in handles:
                 engine.abort(h)
-            raise APIError(503, str(e), "server_overloaded", code="queue_full")
+            raise APIError(503, str(e), "server_overloaded", code="queue_full") from None
         except UserError as e:
             for h in handles:
                 engine.abort(h)
-            raise APIError(400, str(e))
+            raise APIError(400, str(e)) from None
         return handles, wake
 
     async def _wait_all(handles, wake):

@@ -293,7 +293,8 @@ def _mark_expert_params_for_expert_dp(model, tconfig) -> None:
     """
     if not tconfig.num_moe_experts or tconfig.expert_model_parallel_size > 1:
         return
-    if (tconfig.expert_tensor_parallel_size or tconfig.tensor_model_parallel_size) == tconfig.tensor_model_parallel_size:
+    tp = tconfig.tensor_model_parallel_size
+    if (tconfig.expert_tensor_parallel_size or tp) == tp:
         return
     for name, param in model.named_parameters():
         if ".experts." in name and ".shared_experts." not in name:

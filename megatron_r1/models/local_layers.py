@@ -13,7 +13,7 @@ from megatron_r1.models.prefix_attention import block_attention, calls, dense_ma
 
 
 class SDPACoreAttention(MegatronModule):
-    """Causal attention over Megatron's [s, b, heads, dim] layout with `torch.nn.functional.scaled_dot_product_attention`.
+    """Causal attention over Megatron's [s, b, heads, dim] layout with torch's `scaled_dot_product_attention`.
 
     Accepts K/V head sizes that differ (MLA) and grouped KV heads (GQA). `attention_mask`, when given, follows
     Megatron's convention (True = masked) and is used instead of the causal mask (packed samples); shared-prefix rows
@@ -74,7 +74,7 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)

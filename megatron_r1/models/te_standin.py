@@ -57,7 +57,7 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
         self.eps = config.layernorm_epsilon
         self.zero_centered_gamma = False
         self.layer_norm_weight = torch.nn.Parameter(torch.ones(input_size, dtype=config.params_dtype))
-        setattr(self.layer_norm_weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.layer_norm_weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):

@@ -112,7 +112,9 @@ def fused_grpo_loss(hidden, weight, tokens, old_logprobs, advantages, mask, ref_
         logp = logp.view(b, l)
         old = logp.detach() if old_logprobs is None else old_logprobs
         res = reference.policy_loss_from_config(logp, old, advantages, mask, cfg, ref_logprobs, behavior_logprobs)
-        return (*res, ent.detach().view(b, l)) if return_entropy else res
+        if ent is None:
+            return res
+        return (*res, ent.detach().view(b, l))
     return chunked.fused_policy_loss(hidden, weight, tokens, old_logprobs, advantages, mask, cfg, ref_logprobs,
                                      behavior_logprobs, temperature=temperature, tp_group=tp_group,
                                      rows=rows_for(backend), return_entropy=return_entropy)

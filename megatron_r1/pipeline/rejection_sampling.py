@@ -97,7 +97,8 @@ class SamplingResult:
 
 # ------------------------------------------------------------------------------------------------ the model
 def build_generator(cfg: Config, checkpoint: str, max_new_tokens: int):
-    """(engine, tokenizer, template, parallel context) for the checkpoint in `checkpoint`, laid out as `cfg.parallel`."""
+    """(engine, tokenizer, template, parallel context) for the checkpoint in `checkpoint`, laid out as
+    `cfg.parallel`."""
     from megatron_r1.checkpoint import load_model_only
     from megatron_r1.data.templates import get_template
     from megatron_r1.data.tokenizer import load_tokenizer
@@ -144,7 +145,7 @@ def _gather_rows(rows: list, ctx) -> list:
     everyone: list = [None] * ctx.world_size
     dist.all_gather_object(everyone, (ctx.dp_rank, ctx.tp_rank, rows))
     out = []
-    for dp_rank, tp_rank, part in sorted(everyone, key=lambda x: (x[0], x[1])):
+    for _dp_rank, tp_rank, part in sorted(everyone, key=lambda x: (x[0], x[1])):
         if tp_rank == 0:
             out.extend(part)
     return out

@@ -66,7 +66,8 @@ def stage_lines(stage, marker: dict | None) -> list[str]:
         data = summary.get("data", {})
         lines.append(f"| distillation rows | | {data.get('rows')} |")
         if data.get("teacher"):
-            lines.append(f"| teacher answers kept | | {data['teacher'].get('kept')} of {data['teacher'].get('drawn')} |")
+            teacher = data["teacher"]
+            lines.append(f"| teacher answers kept | | {teacher.get('kept')} of {teacher.get('drawn')} |")
         for key, value in (summary.get("eval") or {}).items():
             lines.append(f"| student eval {key} | | {_fmt(value)} |")
     return head + lines + [""]

@@ -11,7 +11,8 @@ from megatron_r1.planning.memory import DEFAULT_OVERHEAD_GB, format_plan, plan_m
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megatron-r1 plan", description=__doc__)
     ap.add_argument("config", help="YAML config (its parallel section is the layout)")
-    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.expert_model_parallel_size=64")
+    ap.add_argument("overrides", nargs="*",
+                    help="section.key=value overrides, e.g. parallel.expert_model_parallel_size=64")
     ap.add_argument("--nodes", type=int, default=1, help="nodes in the allocation (default 1)")
     ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     ap.add_argument("--gpu-memory-gb", type=float, default=80.0, help="usable memory per GPU, GiB")

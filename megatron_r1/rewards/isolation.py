@@ -29,7 +29,8 @@ RESERVED = (WORKDIR, "/dev", "/proc", "/.sandbox")
 SCRATCH = "/tmp"
 
 _PY_PATHS = ("import sys, os, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
-             "sys.base_exec_prefix, os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))]))")
+             "sys.base_exec_prefix, os.path.dirname(sys.executable), "
+             "os.path.dirname(os.path.realpath(sys.executable))]))")
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ class RewardModelScorer:
 
         text = checkpoint_config_yaml(checkpoint)
         if text is None:
-            raise ConfigError(f"reward 'reward_model': {checkpoint} has no config.yaml (not a reward-model checkpoint?)")
+            raise ConfigError(f"reward 'reward_model': {checkpoint} has no config.yaml "
+                              "(not a reward-model checkpoint?)")
         cfg = config_from_dict(yaml.safe_load(text), source=str(Path(checkpoint) / "config.yaml"))
         self.cfg = cfg
         self.model = build_reward_model(cfg)

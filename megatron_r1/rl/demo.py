@@ -340,7 +340,8 @@ def main(argv: list[str]) -> int:
                "k": k, "eval_problems": before["num_problems"], "base": str(base_dir)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print("[4/4] curves", flush=True)
-    plots = plot_run(run_dir / "grpo", run_dir / "plots", groups=RL_CURVES) + plot_run(run_dir / "grpo", run_dir / "plots")
+    plots = (plot_run(run_dir / "grpo", run_dir / "plots", groups=RL_CURVES)
+             + plot_run(run_dir / "grpo", run_dir / "plots"))
     plots = sorted(set(plots)) + sorted((run_dir / "plots" / "pretrain").glob("*.png"))
     print()
     print(format_table(before, after, k))

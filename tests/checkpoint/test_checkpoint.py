@@ -57,7 +57,8 @@ def _roundtrip(rank, world_size, save_dir):
     a.consumed_samples = 8
     a.extra["data_epoch"] = 3
     path = save_checkpoint(a, save_dir)
-    assert path == Path(save_dir) / "iter_0000001" and latest_checkpoint(save_dir) == path, (path, latest_checkpoint(save_dir))
+    latest = latest_checkpoint(save_dir)
+    assert path == Path(save_dir) / "iter_0000001" and latest == path, (path, latest)
     assert (path / "config.yaml").read_text().startswith("stage:")
     after_save = (torch.rand(3), random.random())
     tm.run_steps(a, steps[1:])  # the run that was never interrupted

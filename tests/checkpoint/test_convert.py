@@ -23,7 +23,7 @@ SEQ = 16
 def _randomize(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             else:
@@ -175,8 +175,9 @@ def test_logits_match_hf_tp2(converted):
     results = run_distributed(_tp2_rank, 2, mcore, hf, TOKENS)
     for arch in ARCHS:
         for source in ("mcore", "hf"):
-            torch.testing.assert_close(torch.from_numpy(results[0][(arch, source)]), converted[arch][2], atol=1e-4, rtol=1e-4,
-                                       msg=lambda s: f"{arch} via {source}: {s}")
+            torch.testing.assert_close(torch.from_numpy(results[0][(arch, source)]), converted[arch][2],
+                                       atol=1e-4, rtol=1e-4,
+                                       msg=lambda s, arch=arch, source=source: f"{arch} via {source}: {s}")
 
 
 @pytest.mark.parametrize("arch,layout", [("deepseek_v3", dict(ep=2)), ("llama", dict(tp=2))])

@@ -39,7 +39,8 @@ def converted(tmp_path_factory):
 def _grpo(tmp, load, model: dict, **extra):
     data = {
         "stage": "grpo", "model": model,
-        "data": {"source": "builtin:demo_arithmetic", "template": "Q: {prompt}\nA:", "options": {"num_samples": 32, "seed": 1}},
+        "data": {"source": "builtin:demo_arithmetic", "template": "Q: {prompt}\nA:",
+                 "options": {"num_samples": 32, "seed": 1}},
         "training": {"train_steps": 2, "micro_batch_size": 8, "global_batch_size": 8, "seed": 5},
         "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "lr_warmup_steps": 0, "lr_decay_style": "constant"},
         "rl": {"prompts_per_step": 2, "group_size": 4, "max_prompt_length": 96, "max_response_length": 6,

@@ -31,7 +31,8 @@ def test_preset_by_override_only():
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["parallel.tensor_model_parallel_size=3"], "tensor_model_parallel_size: 3 does not divide model.num_attention_heads (4)"),
+    (["parallel.tensor_model_parallel_size=3"],
+     "tensor_model_parallel_size: 3 does not divide model.num_attention_heads (4)"),
     (["model.hidden_size=abc"], "model.hidden_size: expected an integer"),
     (["model.hidden_sise=12"], "model.hidden_sise: unknown field"),
     (["parallel.expert_model_parallel_size=3"], "expert_model_parallel_size: 3 does not divide model.num_experts"),

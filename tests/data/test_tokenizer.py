@@ -25,7 +25,8 @@ def test_exact_roundtrip_for_any_ascii_and_unicode(demo):
     for _ in range(50):
         text = "".join(chr(rng.randrange(128)) for _ in range(rng.randrange(200)))
         assert demo.decode(demo.encode(text)) == text
-    for text in ["  double  spaces\n\n\ttabs ", "<think></think><answer>", "Assistant:Assistant", "数学 é \u2212 \U0001F600",
+    for text in ["  double  spaces\n\n\ttabs ", "<think></think><answer>", "Assistant:Assistant",
+                 "数学 é \u2212 \U0001F600",
                  "<eos><pad><bos><unused400><0x80>", ""]:
         assert demo.decode(demo.encode(text)) == text
 

@@ -211,7 +211,8 @@ def test_refit_copy_from_other_layout_and_inflight_requests(parallel_tp1):
     # a full (unsharded) state dict works too, and a mismatched one is refused with a clear error
     other = make_model("llama_tiny", seed=10)
     engine.refit(weights.full_state_dict(other))
-    assert torch.equal(engine_model.decoder.layers[0].mlp.linear_fc1.weight, other.decoder.layers[0].mlp.linear_fc1.weight)
+    assert torch.equal(engine_model.decoder.layers[0].mlp.linear_fc1.weight,
+                       other.decoder.layers[0].mlp.linear_fc1.weight)
     from megatron_r1.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="differ"):

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from megatron_r1.inference import Engine, SamplingParams
 from megatron_r1.inference.server import create_app

@@ -14,7 +14,7 @@ def test_builtin_demo_roundtrip():
 
 
 def test_hf_directory(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<eos>": 1, "hello": 2, "world": 3}

@@ -156,7 +156,8 @@ SHARDED = [
     ["model.preset=qwen2_tiny", "parallel.tensor_model_parallel_size=2"],
     # TP 2 with MLA and MoE: up projections, shared expert and vocab split; EP 2 or expert-TP 2 for the experts
     ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2"],
-    ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2", "parallel.expert_tensor_parallel_size=2"],
+    ["model.preset=deepseek_v3_tiny", "parallel.tensor_model_parallel_size=2",
+     "parallel.expert_tensor_parallel_size=2"],
 ]
 
 

@@ -77,7 +77,8 @@ def test_pathological_input_times_out_and_is_counted():
         # sympy tries to evaluate this factorial exactly: far longer than the limit.
         bomb = "<answer>$(10^{10^{7}})!$</answer>"
         start = time.monotonic()
-        assert fn([bomb, "<answer>\\frac{2}{4}</answer>"], [{"answer": "\\frac{1}{3}"}, {"answer": "0.5"}]) == [0.0, 1.0]
+        answers = [{"answer": "\\frac{1}{3}"}, {"answer": "0.5"}]
+        assert fn([bomb, "<answer>\\frac{2}{4}</answer>"], answers) == [0.0, 1.0]
         assert time.monotonic() - start < 8
         assert fn.timeouts == 1
         # The pool replaced the killed worker and keeps working.
@@ -87,7 +88,8 @@ def test_pathological_input_times_out_and_is_counted():
 
 
 def test_batch_of_64_is_fast_after_warmup(accuracy):
-    completions = [f"<think>add</think> <answer>{i}</answer>" for i in range(60)] + ["<answer>\\frac{1}{2}</answer>"] * 4
+    completions = ([f"<think>add</think> <answer>{i}</answer>" for i in range(60)]
+                   + ["<answer>\\frac{1}{2}</answer>"] * 4)
     samples = [{"answer": str(i)} for i in range(60)] + [{"answer": "0.5"}] * 4
     accuracy(completions, samples)  # warm-up: starts workers
     start = time.monotonic()

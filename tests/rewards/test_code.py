@@ -5,7 +5,8 @@ from megatron_r1.rewards import get_reward, last_code_block
 from megatron_r1.rewards.code import normalize_tests
 
 ADD = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
-IO_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5", "output": "10"}, {"input": "0 0", "output": "0  \n\n"}]
+IO_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5", "output": "10"},
+            {"input": "0 0", "output": "0  \n\n"}]
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,8 @@ def test_non_finite_scores_count_as_errors():
 def test_accuracy_timeouts_are_reported():
     reward = CombinedReward([RewardSpec("accuracy", 1.0, {"timeout": 1.0, "num_workers": 1})])
     try:
-        result = reward(["<answer>$(10^{10^{7}})!$</answer>", "<answer>4</answer>"], [{"answer": "1/3"}, {"answer": "4"}])
+        result = reward(["<answer>$(10^{10^{7}})!$</answer>", "<answer>4</answer>"],
+                        [{"answer": "1/3"}, {"answer": "4"}])
     finally:
         reward.close()
     assert result.total == [0.0, 1.0] and result.timeouts == 1

@@ -1,7 +1,6 @@
 """The shared training step and the LM pre-training stage, in one process (gloo world of 1)."""
 import math
 
-import pytest
 import torch
 
 from megatron_r1.config import config_from_dict

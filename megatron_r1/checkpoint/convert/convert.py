@@ -198,7 +198,7 @@ def _rank_entry(rank: int, world: int, port: int, job: _Job, err_dir: str) -> No
     except BaseException as e:
         Path(err_dir, f"rank{rank}").write_text(f"{type(e).__name__}: {e}" if isinstance(e, UserError) or _disk_full(e)
                                                 else __import__("traceback").format_exc())
-        raise SystemExit(1)
+        raise SystemExit(1) from e
     finally:
         import torch.distributed as dist
 
@@ -334,7 +334,8 @@ def _special_token_ids(hf_config: dict, out: Path) -> None:
         if hf_config.get(key) is None and tid is not None:
             hf_config[key] = tid
     if not (out / "generation_config.json").is_file():
-        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if hf_config.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 

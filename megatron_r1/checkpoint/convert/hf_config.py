@@ -100,7 +100,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json", has_mtp: bool = F
             kw.update(rope_type="yarn", rotary_scaling_factor=float(scaling["factor"]),
                       original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 4096)),
                       beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
-                      mscale=float(scaling.get("mscale", 1.0)), mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
+                      mscale=float(scaling.get("mscale", 1.0)),
+                      mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
         opts = HFOptions(rope_interleave=bool(hf.get("rope_interleave", True)))
     else:
         _refuse(scaling is not None, where, f"rope scaling {scaling}")

@@ -36,7 +36,7 @@ def _global_name(model, local: str) -> str:
         i = parts.index("local_experts")
         experts = model.get_submodule(".".join(local.split(".")[:i]))
         moe = model.get_submodule(".".join(local.split(".")[:i - 1]))
-        indices = getattr(experts, "local_expert_indices", None) or getattr(moe, "local_expert_indices")
+        indices = getattr(experts, "local_expert_indices", None) or moe.local_expert_indices
         parts[i + 1] = str(indices[int(parts[i + 1])])
     return ".".join(parts)
 
