@@ -324,7 +324,7 @@ class Engine:
             self._note_blocks()
         logits = self.fn.prefill(tokens.to(self.device), lengths.to(self.device), self.cache, row0=row0)
         if self.record_routing:  # [uniq, T, layers, k]; a copy's prompt was routed as its source's
-            routing = self.fn.last_routing.cpu()
+            routing = cast(torch.Tensor, self.fn.last_routing).cpu()
             for i, r in enumerate(uniq):
                 r.routing_prefill, r.routing_steps = routing[i, :r.length], []
             for r, s in copies:
@@ -399,7 +399,7 @@ class Engine:
         else:
             logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
         self._pos.add_(1)  # rows >= n are free: their positions are set when a prefill fills them
-        routing = self.fn.last_routing[:n] if self.record_routing else None
+        routing = cast(torch.Tensor, self.fn.last_routing)[:n] if self.record_routing else None
         self._sample_and_advance(logits, 0, n, finished, routing)
 
     def _sample_and_advance(self, logits, r0: int, r1: int, finished, routing: Optional[torch.Tensor] = None):
