@@ -256,6 +256,12 @@ class RLConfig:
     tis_cap: Optional[float] = None  # truncated importance sampling cap (behaviour vs trainer)
     reference_offload: bool = False  # keep the frozen reference model's weights on the CPU
     shared_prefix: bool = False  # forward each group as one row [prompt, answer_1..G]: the prompt once, not G times
+    # MoE models only: the trainer's old-log-prob and gradient passes route every token to the experts the engine
+    # chose for it in the rollout (models/router_replay.py), so routing cannot differ between rollout and update.
+    # MoE runs always record the routing and log rl/routing_mismatch (the share of (token, layer) pairs the
+    # trainer routes differently) whether or not it is replayed. With shared_prefix the group's prompt replays
+    # its first answer's record
+    router_replay: bool = False
     reflection_words: list = field(
         default_factory=lambda: ["wait", "re-check", "recheck", "let me verify", "verify", "double-check", "hmm"]
     )
@@ -570,6 +576,9 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
         _check(not (t.recompute_activations and m.multi_latent_attention),
                "rl.shared_prefix: not supported with training.recompute_activations for MLA models (MLA computes "
                "its rotary embedding inside the recomputed layers, outside the position-id bridge)")
+    _check(not r.router_replay or bool(m.num_experts),
+           "rl.router_replay: only meaningful for MoE models (model.num_experts is unset: a dense model has no "
+           "routing to replay)")
     gen = cfg.generation
     _check(gen.kv_cache in ("auto", "paged", "contiguous"),
            f"generation.kv_cache: unknown cache {gen.kv_cache!r} (auto, paged, contiguous)")

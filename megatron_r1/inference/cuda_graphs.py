@@ -17,7 +17,8 @@ and its MoE split reads per-expert counts back to the host). So here:
 - attention spans a length bucket (`length_buckets`, powers of two from 64 up to the context), chosen on the
   host from the requests' lengths, which the scheduler already knows: no read-back. Each row's additive bias
   (0 at its cached positions, -inf beyond) masks the rest, which adds exactly 0 to the softmax;
-- MoE layers run every local expert on every row weighted by its routing prob (`FunctionalGPT.decode(max_len=)`).
+- MoE layers run every local expert on every row weighted by its routing prob (`FunctionalGPT.decode(max_len=)`);
+  with `fn.record_routing` the step's expert ids are a graph output too (`fn.last_routing` after each replay).
 
 Graphs are captured lazily, the first time a (batch, length) bucket is met, into one shared memory pool, after a
 warm-up on a side stream (what torch.cuda.graphs asks for). A decode step's cache writes depend only on its
@@ -72,10 +73,10 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 
 class _Graph:
-    __slots__ = ("graph", "out")
+    __slots__ = ("graph", "out", "routing")
 
-    def __init__(self, graph, out):
-        self.graph, self.out = graph, out
+    def __init__(self, graph, out, routing=None):
+        self.graph, self.out, self.routing = graph, out, routing
 
 
 class StaticDecoder:
@@ -114,6 +115,8 @@ class StaticDecoder:
         if entry is None:
             entry = self.graphs[(B, L)] = self._capture(B, L)
         entry.graph.replay()
+        if entry.routing is not None:  # the recorded expert ids (fn.record_routing): the graph's output buffer
+            self.fn.last_routing = entry.routing
         return entry.out[:n]
 
     def _capture(self, B: int, L: int) -> _Graph:
@@ -127,7 +130,7 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn.decode(*args, max_len=L)
-        return _Graph(graph, out)
+        return _Graph(graph, out, self.fn.last_routing if self.fn.record_routing else None)
 
     def _addresses(self) -> tuple:
         fn = self.fn

@@ -69,6 +69,11 @@ class GenerationResult:
     text: Optional[str]  # decoded generated text when the engine has a tokenizer
     finish_reason: str  # "stop" | "length" | "abort" | "error" (the engine step failed; see the log)
     weight_version: int  # engine weight version when the request finished
+    # Engine(record_routing=True): the top-k expert ids each MoE layer (`Engine.routing_layers`) chose for every
+    # token the model took as input — the prompt and every generated token but the last — int16
+    # [len(prompt) + len(token_ids) - 1, moe layers, k] on the CPU; the trainer replays them (rl.router_replay).
+    # A request re-prefilled (after a refit or a preemption) keeps the re-prefill's routing for its positions.
+    routing: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -94,6 +99,17 @@ class Request:
     stop_ids: frozenset = frozenset()  # stop_token_ids, and the tokenizer's EOS unless ignore_eos
     max_new: int = 0  # tokens it may generate: max_tokens, or fewer where the context ends first
     per_token_text: bool = False  # stop strings or streaming: its text is decoded and checked every token
+    # recorded routing (Engine.record_routing): its last prefill's [length, layers, k], then one [layers, k] per
+    # decode step
+    routing_prefill: Optional[torch.Tensor] = None
+    routing_steps: list = field(default_factory=list)
+
+    def recorded_routing(self) -> Optional[torch.Tensor]:
+        if self.routing_prefill is None:
+            return None
+        if not self.routing_steps:
+            return self.routing_prefill
+        return torch.cat([self.routing_prefill, torch.stack(self.routing_steps)])
 
     @property
     def length(self) -> int:
@@ -114,7 +130,7 @@ class Engine:
                  max_queue: int = 1024, max_prefill_tokens: int = 8192, mla_absorb: bool = True, seed: int = 0,
                  vocab_size: Optional[int] = None, cuda_graphs: bool = True, static_decode: Optional[bool] = None,
                  kv_cache: str = "auto", kv_block_size: int = 16, kv_cache_blocks: Optional[int] = None,
-                 kv_cache_memory_gb: Optional[float] = None):
+                 kv_cache_memory_gb: Optional[float] = None, record_routing: bool = False):
         """`cuda_graphs`: on a CUDA model, decode through CUDA graphs captured per batch/length bucket
         (`generation.cuda_graphs`); ignored elsewhere. `static_decode`: run the bucketed static-shape step without
         capture (True; how the CPU tests drive it) or force the eager step (False); None: static iff graphs.
@@ -124,12 +140,20 @@ class Engine:
         vocabulary (the same normalisation as megatron_r1.ops log-probs over the model's logits).
         `kv_cache`: auto | paged | contiguous (module docstring); paged: `kv_block_size` tokens per block and a pool
         of `kv_cache_blocks` blocks, or as many as fit in `kv_cache_memory_gb` GiB, or (both None) the contiguous
-        cache's memory (max_batch_size x max_seq_len tokens) (generation.kv_* fields)."""
+        cache's memory (max_batch_size x max_seq_len tokens) (generation.kv_* fields).
+        `record_routing`: keep every input token's top-k expert ids per MoE layer in each result's `routing`, for
+        router replay in the trainer (rl.router_replay); an error on a model without MoE layers."""
         from megatron.core import parallel_state as ps
 
         self.model = unwrap_model(model)
         self.tokenizer = tokenizer
         self.fn = FunctionalGPT(self.model, max_seq=max_seq_len, mla_absorb=mla_absorb)
+        self.record_routing = bool(record_routing)
+        self.routing_layers = self.fn.routing_layers  # decoder layers whose routing a result's `routing` holds
+        if self.record_routing and not self.routing_layers:
+            raise UserError("Engine(record_routing=True): the model has no MoE layers, so there is no routing to "
+                            "record")
+        self.fn.record_routing = self.record_routing
         # the fused CPU decode step, if it applies, is built (first time on a machine, ~20 s) or loaded now rather
         # than inside the first request
         self.fn.fused_decode_step()
@@ -299,6 +323,12 @@ class Engine:
                 self.cache.allocate_row(row0 + i, r.length)
             self._note_blocks()
         logits = self.fn.prefill(tokens.to(self.device), lengths.to(self.device), self.cache, row0=row0)
+        if self.record_routing:  # [uniq, T, layers, k]; a copy's prompt was routed as its source's
+            routing = cast(torch.Tensor, self.fn.last_routing).cpu()
+            for i, r in enumerate(uniq):
+                r.routing_prefill, r.routing_steps = routing[i, :r.length], []
+            for r, s in copies:
+                r.routing_prefill, r.routing_steps = batch[s].routing_prefill, []
         if copies:
             u_row = {id(r): i for i, r in enumerate(uniq)}
             from_u = torch.tensor([u_row[id(batch[s])] for _, s in copies], device=self.device)
@@ -372,10 +402,12 @@ class Engine:
         else:
             logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
         self._pos.add_(1)  # rows >= n are free: their positions are set when a prefill fills them
-        self._sample_and_advance(logits, 0, n, finished)
+        routing = cast(torch.Tensor, self.fn.last_routing)[:n] if self.record_routing else None
+        self._sample_and_advance(logits, 0, n, finished, routing)
 
-    def _sample_and_advance(self, logits, r0: int, r1: int, finished):
-        """Sample a token for rows r0..r1-1, append it to their requests, finish those that stop."""
+    def _sample_and_advance(self, logits, r0: int, r1: int, finished, routing: Optional[torch.Tensor] = None):
+        """Sample a token for rows r0..r1-1, append it to their requests, finish those that stop. `routing`
+        [r1 - r0, layers, k]: the decode step's expert ids for the tokens these rows took as input."""
         reqs = self._rows[r0:r1]
         if self.vocab_size is not None:
             logits = logits[:, :self.vocab_size]  # padding rows of the embedding are not tokens
@@ -388,8 +420,11 @@ class Engine:
         # one device sync per step, not one per value; the loop below is the only per-request work of a step
         toks, lps = tokens.tolist(), lp.tolist()
         raws = lps if raw is lp else raw.tolist()
+        steps = routing.cpu().unbind(0) if routing is not None else None
         done_rows = []
         for j, req in enumerate(reqs):
+            if steps is not None:
+                req.routing_steps.append(steps[j])
             t = toks[j]
             req.tokens.append(t)
             req.logprobs.append(lps[j])
@@ -451,7 +486,7 @@ class Engine:
             self._update_text(req)  # the text so far (stop/length finishes have just decoded it)
         req.result = GenerationResult(req.request_id, req.prompt, list(req.tokens), list(req.logprobs),
                                       list(req.raw_logprobs), req.text if self.tokenizer is not None else None,
-                                      reason, self.weight_version)
+                                      reason, self.weight_version, req.recorded_routing())
         self.stats["requests_finished"] += 1
         finished.append(req)
         req.done.set()

@@ -250,6 +250,13 @@ class FunctionalGPT:
         self.mla_absorb = mla_absorb
         self.use_fused = use_fused
         self.max_seq = int(max_seq or model.max_sequence_length)
+        # Routing record (router replay, rl.router_replay): with `record_routing`, every prefill / decode leaves
+        # the top-k expert ids its MoE layers chose in `last_routing`, int16 [B, T, moe layers, k] (prefill) or
+        # [B, moe layers, k] (decode), layers in `routing_layers` order. Recording prefills the last layer over
+        # every prompt token (not only the last one), since the trainer's forward routes them all.
+        self.record_routing = False
+        self.last_routing: Optional[torch.Tensor] = None
+        self._routing: Optional[list] = None
         self.vocab_size = model.vocab_size  # padded; logits cover the padded vocab like the trainer's log-probs
         self.num_layers = len(model.decoder.layers)
         self.dtype = model.embedding.word_embeddings.weight.dtype
@@ -306,6 +313,19 @@ class FunctionalGPT:
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         if not self.mla:
             self._qk_cos, self._qk_sin = self._qk_cos.to(device), self._qk_sin.to(device)
+
+    @property
+    def routing_layers(self) -> list[int]:
+        """Indices of the MoE decoder layers: the layer axis of `last_routing`."""
+        return [i for i, lyr in enumerate(self.layers) if lyr.moe is not None]
+
+    def _begin_routing(self) -> None:
+        self._routing = [] if self.record_routing else None
+
+    def _end_routing(self) -> None:
+        if self._routing is not None:
+            self.last_routing = torch.stack(self._routing, dim=-2)
+        self._routing = None
 
     # ---------------------------------------------------------------------------------- pieces
     def new_cache(self, max_batch: int, device=None) -> KVCache:
@@ -403,6 +423,8 @@ class FunctionalGPT:
         x = x.reshape(-1, shape[-1])
         moe = lyr.moe
         top_idx, probs = self._route(moe, x)
+        if self._routing is not None:
+            self._routing.append(top_idx.to(torch.int16).view(*shape[:-1], top_idx.shape[-1]))
         if static:
             out = self._experts_dense(moe, x, top_idx, probs)
         else:
@@ -594,15 +616,21 @@ class FunctionalGPT:
             cache.set_lengths(row0, lengths)
             cache.begin_prefill(row0, B, T)
         n = len(self.layers)
+        # only the last tokens' logits are needed (see the module docstring), unless every token's routing is
+        shortcut = not all_logits and not self.record_routing  # recorded: then the last layer routes them all
+        self._begin_routing()
         for i, lyr in enumerate(self.layers):
             h = lyr.in_norm(x)
-            if i == n - 1 and not all_logits:  # only the last tokens' logits are needed: see module docstring
+            if i == n - 1 and shortcut:
                 last = lengths - 1
                 x = x[torch.arange(B, device=x.device), last]
                 x = x + self._attention_full(i, lyr, h, rope, mask, cache, row0, last=last)
             else:
                 x = x + self._attention_full(i, lyr, h, rope, mask, cache, row0)
             x = self._ffn(lyr, x)
+        self._end_routing()
+        if not all_logits and not shortcut:
+            x = x[torch.arange(B, device=x.device), lengths - 1]
         return self._logits(self.final_norm(x))
 
     def fused_decode_reason(self) -> Optional[str]:
@@ -675,7 +703,9 @@ class FunctionalGPT:
             rope = self._tables(pos)  # [B, 1, d]
         else:
             rope = (self._qk_cos[pos], self._qk_sin[pos])  # [B, 1, g + 1, hd]
+        self._begin_routing()
         for i, lyr in enumerate(self.layers):
             o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L, table)
             x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w), static=max_len is not None)
+        self._end_routing()
         return self._logits(self.final_norm(x))

@@ -25,6 +25,11 @@ class RolloutBatch:
     rewards: Optional[torch.Tensor] = None  # [N] weighted total
     components: dict = field(default_factory=dict)  # reward name -> [N] values
     advantages: Optional[torch.Tensor] = None  # [N]
+    # MoE router replay: [N] int16 tensors [len(prompt) + len(response) - 1, layers, k], the engine's top-k expert
+    # ids for every token the model took as input (GenerationResult.routing), for the decoder layers
+    # `routing_layers`; None when the engine did not record routing
+    routing: Optional[list] = None
+    routing_layers: tuple = ()
 
     def __len__(self) -> int:
         return len(self.response_tokens)
@@ -44,6 +49,7 @@ class RolloutBatch:
             rewards=None if self.rewards is None else self.rewards[idx],
             components={k: [v[i] for i in idx] for k, v in self.components.items()},
             advantages=None if self.advantages is None else self.advantages[idx],
+            routing=None if self.routing is None else pick(self.routing), routing_layers=self.routing_layers,
         )
 
     @staticmethod
@@ -57,6 +63,7 @@ class RolloutBatch:
             rewards=None if first.rewards is None else torch.cat([p.rewards for p in parts]),
             components={k: [x for p in parts for x in p.components[k]] for k in first.components},
             advantages=None if first.advantages is None else torch.cat([p.advantages for p in parts]),
+            routing=None if first.routing is None else cat("routing"), routing_layers=first.routing_layers,
         )
 
 
@@ -86,8 +93,12 @@ class PolicyBatch:
     # a micro-batch's weight in its mini-batch's loss (set by rl.policy_forward.micro_batches): its share of the
     # aggregation's units (tokens / answers) × the number of micro-batches, which the schedule divides by
     loss_scale: float = 1.0
+    # router replay: [rows, S, layers, k] int16 recorded expert ids of each input column (-1: none, e.g. padding),
+    # for the decoder layers `routing_layers` (models.router_replay); None without a record
+    routing: Optional[torch.Tensor] = None
+    routing_layers: tuple = ()
 
-    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask", "row_lengths")
+    ROW_FIELDS = ("tokens", "labels", "position_ids", "attention_mask", "row_lengths", "routing")
 
     def __len__(self) -> int:
         return self.response_index.shape[0]
@@ -202,7 +213,30 @@ def collate(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = N
     tokens, labels = full[:, :-1].contiguous(), full[:, 1:].contiguous()
     pos = torch.arange(s_len - 1).unsqueeze(0).expand(n, -1).contiguous()
     lengths = torch.tensor([len(x) - 1 for x in seqs], dtype=torch.long)
-    return PolicyBatch(tokens, labels, pos, index, mask, adv, behav, row_lengths=lengths, pad_multiple=pad_multiple)
+    routing = None
+    if rollouts.routing is not None:  # each answer's record covers its input columns 0..len(seq)-2
+        routing = _routing_rows([[(rec, 0, len(seq) - 1)] for rec, seq in zip(rollouts.routing, seqs)],
+                                s_len - 1, rollouts.routing)
+    return PolicyBatch(tokens, labels, pos, index, mask, adv, behav, row_lengths=lengths, pad_multiple=pad_multiple,
+                       routing=routing, routing_layers=tuple(rollouts.routing_layers))
+
+
+def _routing_rows(rows: list, width: int, records: list) -> Optional[torch.Tensor]:
+    """[rows, width, layers, k] int16 of -1, each row filled from its pieces (record, first, count): the record's
+    positions first..first+count-1, one after another from column 0. A record shorter than its piece (an aborted
+    request) leaves the rest at -1 (those tokens route by themselves)."""
+    ref = next((r for r in records if r is not None), None)
+    if ref is None:
+        return None
+    out = torch.full((len(rows), width, *ref.shape[1:]), -1, dtype=torch.int16)
+    for i, pieces in enumerate(rows):
+        col = 0
+        for rec, first, count in pieces:
+            if rec is not None:
+                got = max(0, min(count, rec.shape[0] - first))
+                out[i, col:col + got] = rec[first:first + got]
+            col += count
+    return out
 
 
 def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Optional[int] = None,
@@ -216,7 +250,9 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
     the same column (P-1), which is why targets are stored per answer token (`response_labels`), not as one labels
     column. Rows need a model whose rotary embeddings follow `position_ids` (`megatron_r1.models.positions`).
     `pad_multiple` as in `collate`. One thing does change: MoE routers see each prompt token once, so the
-    aux-loss-free balancing (expert bias update) counts prompt tokens once instead of G times.
+    aux-loss-free balancing (expert bias update) counts prompt tokens once instead of G times; and with router
+    replay the prompt's recorded routing is the group's first answer's (the engine prefills a group's prompt once
+    when its answers are admitted together, so all G records agree; otherwise the first one's is replayed).
     """
     g, n = rollouts.group_size, len(rollouts)
     if n % g:
@@ -224,6 +260,7 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
     mask, behav, targets, adv = _response_tensors(rollouts, max_response)
     index = torch.zeros(mask.shape, dtype=torch.long)
     rows = []  # (tokens, positions, segments) per group
+    routed: list = []  # the record pieces of each row (see _routing_rows)
     for start in range(0, n, g):
         prompt = list(rollouts.prompt_tokens[start])
         if not prompt:
@@ -244,6 +281,10 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
             pos += range(p, p + len(inputs))
             seg += [j + 1] * len(inputs)
         rows.append((toks, pos, seg))
+        if rollouts.routing is not None:  # the prompt's record, then each answer's input tokens' records
+            routed.append([(rollouts.routing[start], 0, p)] + [
+                (rollouts.routing[start + j], p, max(0, len(rollouts.response_tokens[start + j]) - 1))
+                for j in range(g)])
     s_len = _padded_length(max(len(t) for t, _, _ in rows), pad_multiple)
     tokens = torch.full((len(rows), s_len), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), s_len), dtype=torch.long)
@@ -252,7 +293,8 @@ def collate_shared_prefix(rollouts: RolloutBatch, pad_id: int, max_response: Opt
         tokens[i, : len(t)] = torch.tensor(t)
         positions[i, : len(t)] = torch.tensor(ps)
         segments[i, : len(t)] = torch.tensor(sg)
+    routing = _routing_rows(routed, s_len, rollouts.routing) if rollouts.routing is not None else None
     return PolicyBatch(tokens, None, positions, index, mask, adv, behav, attention_mask=segment_mask(segments),
                        response_labels=targets, answers_per_row=g,
                        row_lengths=torch.tensor([len(t) for t, _, _ in rows], dtype=torch.long),
-                       pad_multiple=pad_multiple)
+                       pad_multiple=pad_multiple, routing=routing, routing_layers=tuple(rollouts.routing_layers))

@@ -106,7 +106,12 @@ def padding_fraction(batch: PolicyBatch, plan: list) -> float:
 def model_forward(model, mb: PolicyBatch) -> torch.Tensor:
     """The model on one micro-batch: causal rows as they are; shared-prefix rows with their attention mask, their
     block layout (prompt, answers) for the local core attention, and rotary embeddings at their position ids (every
-    pipeline stage gets all three from the micro-batch)."""
+    pipeline stage gets all three from the micro-batch). A micro-batch with recorded routing hands it to the
+    chunk's active router replays (models.router_replay.routing_replay; nothing happens outside one)."""
+    if mb.routing is not None:
+        from megatron_r1.models.router_replay import set_targets
+
+        set_targets(model, mb.routing, mb.routing_layers)
     if mb.attention_mask is None:
         return model(mb.tokens, mb.position_ids, None)
     inner = unwrap(model)

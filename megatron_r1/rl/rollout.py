@@ -34,6 +34,9 @@ def sample_group_rollouts(engine, tokenizer, template, samples: list[dict], grou
         samples=rows,
         finish_reasons=[r.finish_reason for r in results],
         group_size=group_size,
+        # MoE router replay: what the engine's routers chose for each input token (Engine(record_routing=True))
+        routing=[r.routing for r in results] if getattr(engine, "record_routing", False) else None,
+        routing_layers=tuple(getattr(engine, "routing_layers", ())),
     )
 
 

@@ -117,7 +117,8 @@ def advantages_for(batch: RolloutBatch, rl, dp_group=None) -> torch.Tensor:
 
 CONVENTION_FIELDS = ("advantage_estimator", "advantage_std", "advantage_eps", "singleton_advantage", "policy_loss",
                      "loss_agg", "max_response_length", "clip_low", "clip_high", "clip_ratio_c", "kl_coef",
-                     "kl_estimator", "kl_clamp", "tis_cap", "tis_on_kl", "tis_level", "dynamic_sampling")
+                     "kl_estimator", "kl_clamp", "tis_cap", "tis_on_kl", "tis_level", "dynamic_sampling",
+                     "router_replay")
 
 
 def conventions(cfg: Config) -> dict:
@@ -182,6 +183,8 @@ def rollout_metrics(batch: RolloutBatch, cfg: Config) -> dict:
 
 
 def build_engine(cfg: Config, policy_model, tokenizer):
+    """The rollout engine on the policy's own parameters; an MoE policy's engine records its routing (for
+    rl.router_replay and the rl/routing_mismatch metric)."""
     from megatron_r1.inference import Engine
 
     max_len = cfg.rl.max_prompt_length + cfg.rl.max_response_length + 1
@@ -189,7 +192,8 @@ def build_engine(cfg: Config, policy_model, tokenizer):
                   max_batch_size=min(cfg.generation.max_batch_size, cfg.rl.prompts_per_step * cfg.rl.group_size),
                   max_seq_len=max_len, cuda_graphs=cfg.generation.cuda_graphs, kv_cache=cfg.generation.kv_cache,
                   kv_block_size=cfg.generation.kv_block_size, kv_cache_blocks=cfg.generation.kv_cache_blocks,
-                  kv_cache_memory_gb=cfg.generation.kv_cache_memory_gb)
+                  kv_cache_memory_gb=cfg.generation.kv_cache_memory_gb,
+                  record_routing=bool(cfg.model.num_experts))
 
 
 def check_shared_prefix(cfg: Config, dp_size: int) -> None:
@@ -258,6 +262,12 @@ def run_grpo(cfg: Config) -> dict:
     if rl.kl_coef > 0:
         reference = build_reference(cfg, policy, fresh_start=state.step == 0, init_rng=init_rng)
     engine = build_engine(cfg, policy, tokenizer)
+    moe = bool(cfg.model.num_experts)
+    if moe:  # the policy's routers replay (rl.router_replay) or only compare with the rollout's routing
+        from megatron_r1.models.router_replay import RoutingMismatch, install, routing_replay
+
+        for chunk in state.model:
+            install(chunk)
     sampler = PromptSampler(prompts, t.seed)
     mbs, max_tokens = t.micro_batch_size, t.max_tokens_per_micro_batch
     dp_group = None
@@ -277,10 +287,20 @@ def run_grpo(cfg: Config) -> dict:
         # Sequence parallelism splits the sequence over the TP ranks: pad it to a multiple of TP.
         pb = (collate_shared_prefix if rl.shared_prefix else collate)(batch, tokenizer.pad_id, max_response=None,
                                                                        pad_multiple=ctx.tp_size)
+        # routing mismatch: counted in the first policy pass over the batch (old log-probs, or the on-policy
+        # update), before any optimizer step of this RL step
+        mismatch = RoutingMismatch() if moe and pb.routing is not None else None
+
+        def replaying(measure):
+            if mismatch is None or not (rl.router_replay or measure is not None):
+                return contextlib.nullcontext()
+            return routing_replay(state.model, rl.router_replay, measure)
+
         with timer("logprobs"):
             if need_old:
-                pb.old_logprobs = compute_logprobs(state.model, pb, mbs, cfg.generation.temperature, ctx.device,
-                                                   max_tokens)
+                with replaying(mismatch):
+                    pb.old_logprobs = compute_logprobs(state.model, pb, mbs, cfg.generation.temperature,
+                                                       ctx.device, max_tokens)
             if reference is not None:
                 with on_device(reference, rl.reference_offload):
                     pb.ref_logprobs = compute_logprobs([reference], pb, mbs, cfg.generation.temperature, ctx.device,
@@ -293,7 +313,7 @@ def run_grpo(cfg: Config) -> dict:
                 for start in range(0, n, mini_per_rank):
                     mini = pb.slice(start, min(n, start + mini_per_rank))
                     plan = plan_micro_batches(mini, mbs, max_tokens)
-                    with hidden_mode(state.model):
+                    with hidden_mode(state.model), replaying(None if need_old else mismatch):
                         # no pipeline in RL, so the schedule's sequence length / micro-batch size are nominal
                         result = train_step(state, make_policy_loss_step(rl, cfg.generation.temperature),
                                             micro_batches(mini, mbs, ctx.device, rl.loss_agg, plan=plan), len(plan),
@@ -314,6 +334,10 @@ def run_grpo(cfg: Config) -> dict:
         if "kl_mean" in metrics:
             metrics["kl"] = metrics.pop("kl_mean")
         metrics.update(counters)
+        if mismatch is not None:
+            frac = mismatch.fraction()
+            if frac is not None:
+                metrics["rl/routing_mismatch"] = frac
         metrics["skipped_steps"] = float(skipped)
         for name, secs in timer.times.items():
             metrics[f"time/{name}_s"] = secs
