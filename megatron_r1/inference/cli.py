@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="cache slots: requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which the server answers 503")
     p.add_argument("--max-seq-len", type=int, default=None, help="context (default: the model's max positions)")
+    p.add_argument("--kv-cache", choices=("auto", "paged", "contiguous"), default="auto",
+                   help="KV cache kind (generation.kv_cache): auto = contiguous rows where the fused CPU decode step "
+                        "applies (dense fp32 on CPU), paged elsewhere")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="KV cache budget in GiB (generation.kv_cache_memory_gb): the paged pool's size, or the most "
+                        "the contiguous cache grows to; default: paged = max batch x context, contiguous = what the "
+                        "running requests need")
+    p.add_argument("--kv-block-size", type=int, default=16, help="tokens per paged-cache block")
     p.add_argument("--max-n", type=int, default=16, help="largest `n` (choices per request) accepted")
     p.add_argument("--seed", type=int, default=1234, help="weights seed (random init) and unseeded sampling")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -103,7 +111,8 @@ def build_engine(args):
 
         load_model_only(model, args.load)
     engine = Engine(model, tokenizer=tokenizer, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                    max_queue=args.max_queue, seed=args.seed)
+                    max_queue=args.max_queue, seed=args.seed, kv_cache=args.kv_cache,
+                    kv_cache_memory_gb=args.kv_cache_memory_gb, kv_block_size=args.kv_block_size)
     name = args.served_model_name or args.preset or os.path.basename(os.path.normpath(args.load))
     return engine, name
 

@@ -24,7 +24,8 @@ Graphs are captured lazily, the first time a (batch, length) bucket is met, into
 warm-up on a side stream (what torch.cuda.graphs asks for). A decode step's cache writes depend only on its
 inputs, so the warm-up repeating the step leaves the cache as one step would. Graphs read parameters and the
 cache through the addresses they had at capture: an optimizer step (in place) or a refit by copy is seen;
-`invalidate_if_moved()` drops the graphs when a refit replaced parameter storage.
+`invalidate_if_moved()` drops the graphs when a refit replaced parameter storage, and a growing contiguous cache
+(functional.KVCache(grow=True)) is first grown to the step's bucket, its graphs dropped when that reallocated it.
 
 On the CPU (or with capture off) the same bucketed step runs eagerly: that is how the CPU tests check that
 bucketing changes no output, and a `gpu`-marked test checks that a replay equals the eager step.
@@ -97,12 +98,17 @@ class StaticDecoder:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._fingerprint = self._addresses()
+        self._cache_version = cache.version
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, max_len: int) -> torch.Tensor:
         """Logits [n, V] for tokens [n] at positions pos [n] (rows 0..n-1); `max_len` >= max(pos) + 1, from the
         host. With capture the result is a view of the graph's output buffer, valid until the next call."""
         n = tokens.shape[0]
         B, L = bucket_for(n, self.batch_sizes), bucket_for(max_len, self.lengths)
+        self.cache.reserve(B, L)  # a growing contiguous cache (functional.KVCache) makes room for the bucket
+        if self.cache.version != self._cache_version:  # reallocated: graphs captured on the old tensors are stale
+            self._cache_version = self.cache.version
+            self.graphs.clear()
         self.cache.sync()  # a paged cache's block table, updated in place outside the graph
         self.tokens[:n].copy_(tokens)
         self.pos[:n].copy_(pos)

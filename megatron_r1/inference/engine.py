@@ -18,8 +18,12 @@ pool, taken as tokens arrive and returned when it ends; copies of a prefilled se
 kept back), and when a decode step needs more blocks than are free the newest running requests are preempted:
 their blocks are freed and they go back to the front of the queue, to be re-prefilled (prompt + tokens so far)
 when blocks free up. Nothing is lost and memory never grows past the pool (stats `preemptions`,
-`kv_blocks_peak`). "contiguous" reserves a [max_seq] row per request (functional.KVCache): what the fused CPU
-decode step reads, so "auto" picks it where that step applies (a dense fp32 CPU model) and paged elsewhere.
+`kv_blocks_peak`). "contiguous" gives each request a row of positions (functional.KVCache): what the fused CPU
+decode step reads, so "auto" picks it where that step applies (a dense fp32 CPU model) and paged elsewhere. It
+is sized from the requests: it grows (reallocation + copy) to the running rows and the longest one's length, each
+rounded up to a power of two, never past max_batch_size x max_seq_len, and is freed when the engine is idle; with
+`kv_cache_memory_gb` it never grows past that budget (admission waits, and a step that would cross it preempts the
+newest requests like a full paged pool). Stats `kv_cache_bytes_peak`: the most either cache held.
 
 Every rank of a TP group (and, with EP > 1, every rank of the model) must submit the same requests in the same
 order: the schedule is deterministic, and the sampled tokens are broadcast from the group's first rank so all ranks
@@ -44,7 +48,7 @@ from typing import Callable, Optional, Sequence, Union, cast
 import torch
 import torch.distributed as dist
 
-from megatron_r1.errors import UserError
+from megatron_r1.errors import ConfigError, UserError
 from megatron_r1.inference.cuda_graphs import StaticDecoder
 from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.paged_cache import blocks_for_memory, bytes_per_token
@@ -140,7 +144,8 @@ class Engine:
         vocabulary (the same normalisation as megatron_r1.ops log-probs over the model's logits).
         `kv_cache`: auto | paged | contiguous (module docstring); paged: `kv_block_size` tokens per block and a pool
         of `kv_cache_blocks` blocks, or as many as fit in `kv_cache_memory_gb` GiB, or (both None) the contiguous
-        cache's memory (max_batch_size x max_seq_len tokens) (generation.kv_* fields).
+        cache's most (max_batch_size x max_seq_len tokens); contiguous: grows with the requests, within
+        `kv_cache_memory_gb` GiB when given (generation.kv_* fields).
         `record_routing`: keep every input token's top-k expert ids per MoE layer in each result's `routing`, for
         router replay in the trainer (rl.router_replay); an error on a model without MoE layers."""
         from megatron.core import parallel_state as ps
@@ -161,6 +166,7 @@ class Engine:
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
         self.max_prefill_tokens = int(max_prefill_tokens)
+        self._kv_budget: Optional[int] = None  # contiguous: the cache's bytes never exceed this (kv_cache_memory_gb)
         self.cache = self._new_cache(kv_cache, kv_block_size, kv_cache_blocks, kv_cache_memory_gb)
         self.paged = self.cache.paged
         self.device = self.model.embedding.word_embeddings.weight.device
@@ -198,7 +204,7 @@ class Engine:
         # identical sequence was prefilled in the same step (its cache rows copied instead: GRPO's G samples)
         self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "prefill_tokens_shared": 0, "refits": 0, "last_refit_seconds": 0.0, "failed_steps": 0,
-                      "preemptions": 0, "kv_blocks_peak": 0}
+                      "preemptions": 0, "kv_blocks_peak": 0, "kv_cache_bytes_peak": self.cache.nbytes()}
 
     def _new_cache(self, kind: str, block_size: int, num_blocks: Optional[int], memory_gb: Optional[float]):
         if kind not in ("auto", "paged", "contiguous"):
@@ -206,7 +212,20 @@ class Engine:
         if kind == "auto":
             kind = "contiguous" if self.fn.fused_decode_step() is not None else "paged"
         if kind == "contiguous":
-            return self.fn.new_cache(self.max_batch_size)
+            cache = self.fn.new_cache(self.max_batch_size, grow=True)
+            if memory_gb is not None:
+                self._kv_budget = int(memory_gb * 2 ** 30)
+                need = cache.bytes_for(1, self.max_seq_len)
+                if need > self._kv_budget:
+                    raise ConfigError(
+                        f"generation.kv_cache_memory_gb: {memory_gb} GiB holds less than one request of the full "
+                        f"context ({self.max_seq_len} tokens, {need / 2 ** 30:.3f} GiB); every request must be able "
+                        "to run alone")
+            log.info("contiguous KV cache: grows with the requests up to %d slots x %d positions (%.3f GiB)%s",
+                     self.max_batch_size, self.max_seq_len,
+                     cache.bytes_for(self.max_batch_size, self.max_seq_len) / 2 ** 30,
+                     "" if self._kv_budget is None else f", within {memory_gb} GiB")
+            return cache
         if num_blocks is None and memory_gb is not None:
             token_bytes = bytes_per_token(self.fn.cache_spec, self.fn.num_layers, self.fn.dtype)
             num_blocks = blocks_for_memory(memory_gb, block_size, token_bytes)
@@ -269,6 +288,8 @@ class Engine:
             self._admit_and_prefill(finished)
             if self._rows:
                 self._decode(finished)
+            if not self._rows and not self._waiting:
+                self.cache.reserve(0, 0)  # idle: a growing contiguous cache gives its memory back
             return finished
 
     def _drop_cancelled(self, finished):
@@ -287,6 +308,7 @@ class Engine:
         with self._lock:
             budget = self.max_prefill_tokens
             blocks = self._admission_blocks()
+            longest = max((r.length for r in self._rows), default=0)  # contiguous: positions the rows must hold
             while self._waiting and len(self._rows) + len(batch) < self.max_batch_size:
                 req = self._waiting[0]
                 # resumed requests (after a refit or a preemption) re-prefill what they generated so far
@@ -297,6 +319,12 @@ class Engine:
                     if need > blocks:
                         break
                     blocks -= need
+                elif self._kv_budget is not None:  # the grown cache must fit; alone, a request always does
+                    grown = max(longest, req.length + 1)
+                    rows = len(self._rows) + len(batch) + 1
+                    if rows > 1 and self.cache.bytes_for(rows, grown) > self._kv_budget:
+                        break
+                    longest = grown
                 if first is None:  # a copy of an admitted sequence costs no prefill
                     if batch and req.length > budget:
                         break
@@ -322,6 +350,8 @@ class Engine:
             for i, r in enumerate(uniq):
                 self.cache.allocate_row(row0 + i, r.length)
             self._note_blocks()
+        else:  # a growing contiguous cache makes room for every row and the padded prefill (copies: <= T)
+            self._reserve_rows(len(self._rows), max(T, max(r.length for r in self._rows)))
         logits = self.fn.prefill(tokens.to(self.device), lengths.to(self.device), self.cache, row0=row0)
         if self.record_routing:  # [uniq, T, layers, k]; a copy's prompt was routed as its source's
             routing = cast(torch.Tensor, self.fn.last_routing).cpu()
@@ -356,6 +386,21 @@ class Engine:
         reserve = max(1, (self.cache.num_blocks - 1) // 100) if self._rows else 0
         return self.cache.num_free - reserve
 
+    def _reserve_rows(self, rows: int, seq: int):
+        """Grow the contiguous cache to `rows` rows of `seq` positions (if it holds fewer) and note its peak."""
+        self.cache.reserve(rows, seq)
+        self.stats["kv_cache_bytes_peak"] = max(self.stats["kv_cache_bytes_peak"], self.cache.nbytes())
+
+    def _fit_budget(self):
+        """Contiguous cache with a budget: preempt the newest requests while the rows' next step would need a
+        cache past it (the longest row crossing a position bucket); the oldest always runs."""
+        budget = cast(int, self._kv_budget)
+        while len(self._rows) > 1:
+            if self.cache.bytes_for(len(self._rows), max(r.length for r in self._rows)) <= budget:
+                return
+            row = max(range(len(self._rows)), key=lambda i: (self._rows[i].arrival, i))
+            self._preempt(row, 0)
+
     def _note_blocks(self):
         self.stats["kv_blocks_peak"] = max(self.stats["kv_blocks_peak"], self.cache.pool.num_used)
 
@@ -385,10 +430,14 @@ class Engine:
             self._waiting.insert(i, req)
         self.stats["preemptions"] += 1
         level = logging.WARNING if self.stats["preemptions"] == 1 else logging.INFO
-        log.log(level, "KV cache pool full (%d blocks of %d tokens, %d free, %d needed): preempted %s "
-                "(%d tokens cached); it resumes by recompute when blocks free up (%d preemptions so far)",
-                self.cache.num_blocks - 1, self.cache.block_size, self.cache.num_free, needed, req.request_id,
-                req.length, self.stats["preemptions"])
+        if self.paged:
+            full = (f"KV cache pool full ({self.cache.num_blocks - 1} blocks of {self.cache.block_size} tokens, "
+                    f"{self.cache.num_free} free, {needed} needed)")
+        else:
+            gib = (self._kv_budget or 0) / 2 ** 30
+            full = f"KV cache budget reached ({gib:.3f} GiB, generation.kv_cache_memory_gb)"
+        log.log(level, "%s: preempted %s (%d tokens cached); it resumes by recompute when memory frees up "
+                "(%d preemptions so far)", full, req.request_id, req.length, self.stats["preemptions"])
 
     def _decode(self, finished):
         if self.paged:
@@ -396,10 +445,16 @@ class Engine:
             if not self._rows:
                 return
             self.cache.sync()
+        elif self._kv_budget is not None:
+            self._fit_budget()
         n = len(self._rows)
+        longest = max(r.length for r in self._rows)  # this step writes position length - 1 of each row
         if self.static_decoder is not None:  # positions attended: each row's length, known here without a sync
-            logits = self.static_decoder(self._last[:n], self._pos[:n], max(r.length for r in self._rows))
+            logits = self.static_decoder(self._last[:n], self._pos[:n], longest)  # it grows the cache to its bucket
+            self.stats["kv_cache_bytes_peak"] = max(self.stats["kv_cache_bytes_peak"], self.cache.nbytes())
         else:
+            if not self.paged:
+                self._reserve_rows(n, longest)
             logits = self.fn.decode(self._last[:n], self._pos[:n], self.cache)
         self._pos.add_(1)  # rows >= n are free: their positions are set when a prefill fills them
         routing = cast(torch.Tensor, self.fn.last_routing)[:n] if self.record_routing else None

@@ -22,6 +22,7 @@ Caches (one slot row per running request, rows 0..n-1 kept contiguous by the sch
   never expanded (`mla_absorb=False` up-projects the cached latent instead; both are tested).
 - Dense (Llama/Qwen2): K and V side by side, [slots, kv_heads, seq, 2 * head_dim] (`k` / `v` are views), so a
   decode step writes a token's K and V with one `index_copy_` straight from the QKV projection's output.
+  The engine's contiguous cache grows its slots and positions with the requests (`KVCache(grow=True)`).
 - Paged (`paged_cache.PagedKVCache`, the engine's default off the fused CPU path): the same entries in
   fixed-size blocks from one pool, a block table per row, prompt blocks shared by the G answers of a prompt.
   The forward reaches either cache through the same hooks (`begin_prefill`, `write_prefill`, `decode_index`,
@@ -93,26 +94,94 @@ class CacheSpec:
 
 
 class KVCache:
-    """Preallocated per-layer cache pool: `max_batch` slot rows of `max_seq` positions, plus each row's bias."""
+    """Per-layer cache pool of slot rows x positions, plus each row's bias.
 
-    def __init__(self, num_layers: int, spec: CacheSpec, max_batch: int, max_seq: int, dtype, device):
+    Preallocated (`grow=False`): `max_batch` rows of `max_seq` positions from the start. Growing (`grow=True`, the
+    engine's): it starts empty and `reserve(rows, seq)` reallocates (copying what is cached) when a step needs more
+    rows or positions than it holds, rounded up to a power of two (positions: at least `MIN_SEQ`) and never past
+    `max_batch` x `max_seq`; `reserve(0, 0)` frees it. Why: at a long context (SmolLM2's 8192 positions, 32 slots,
+    46 KB a token: 12 GB) the preallocated rows are almost all empty; sized from the requests the cache holds what
+    they can reach, and the fused CPU decode step, which reads any [rows, kv_heads, seq, 2 * hd] layout, still runs.
+    Reallocation changes the tensors' addresses (`version` counts them: CUDA graphs captured on the old ones are
+    dropped, see cuda_graphs.py)."""
+
+    MIN_SEQ = 64  # smallest position capacity of a growing cache (the CUDA-graph length buckets start there too)
+
+    def __init__(self, num_layers: int, spec: CacheSpec, max_batch: int, max_seq: int, dtype, device,
+                 grow: bool = False):
         self.spec, self.max_batch, self.max_seq = spec, max_batch, max_seq
-        rows = torch.arange(max_batch, device=device)
-        if spec.mla:
-            self.latent = [torch.zeros(max_batch, max_seq, spec.width, dtype=dtype, device=device)
-                           for _ in range(num_layers)]
-            self.kv = self.k = self.v = None
-            self.slot_base = rows * max_seq  # flat index of (row, 0) in a latent viewed as [rows * seq, width]
+        self.num_layers, self.dtype, self.device, self.grow = num_layers, dtype, torch.device(device), bool(grow)
+        self.version = 0
+        self.rows_cap = self.seq_cap = 0
+        self.latent: Optional[list[torch.Tensor]] = None
+        self.kv: Optional[list[torch.Tensor]] = None
+        if self.grow:
+            self._allocate(0, 0)
         else:
-            shape = (max_batch, spec.kv_heads, max_seq, 2 * spec.width)
-            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self._allocate(max_batch, max_seq)
+
+    def _allocate(self, rows: int, seq: int) -> None:
+        """Tensors of `rows` x `seq`, holding the old contents where they overlap."""
+        spec, device, dtype = self.spec, self.device, self.dtype
+        old, old_bias = (self._tensors(), self.bias) if self.version else (None, None)
+        r, s = min(rows, self.rows_cap), min(seq, self.seq_cap)
+        if spec.mla:
+            self.latent = [torch.zeros(rows, seq, spec.width, dtype=dtype, device=device)
+                           for _ in range(self.num_layers)]
+            self.kv = self.k = self.v = None
+            self.slot_base = torch.arange(rows, device=device) * seq  # flat index of (row, 0) in [rows * seq, w]
+        else:
+            shape = (rows, spec.kv_heads, seq, 2 * spec.width)
+            self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.num_layers)]
             self.k = [t[..., :spec.width] for t in self.kv]
             self.v = [t[..., spec.width:] for t in self.kv]
             self.latent = None
             heads = torch.arange(spec.kv_heads, device=device)
-            self.slot_base = (rows[:, None] * spec.kv_heads + heads[None, :]) * max_seq  # (row, head, 0), flat
+            rows_t = torch.arange(rows, device=device)
+            self.slot_base = (rows_t[:, None] * spec.kv_heads + heads[None, :]) * seq  # (row, head, 0), flat
         # additive attention bias: 0 at a row's cached positions, -inf beyond (shared by every layer)
-        self.bias = torch.full((max_batch, max_seq), float("-inf"), dtype=dtype, device=device)
+        self.bias = torch.full((rows, seq), float("-inf"), dtype=dtype, device=device)
+        if old is not None and r and s:
+            for t, o in zip(self._tensors(), old):
+                if spec.mla:
+                    t[:r, :s] = o[:r, :s]
+                else:
+                    t[:r, :, :s] = o[:r, :, :s]
+            self.bias[:r, :s] = old_bias[:r, :s]
+        self.rows_cap, self.seq_cap = rows, seq
+        self.version += 1
+
+    def rounded(self, rows: int, seq: int) -> tuple[int, int]:
+        """The (rows, positions) a growing cache allocates for `rows` rows of up to `seq` positions."""
+        if rows > self.max_batch or seq > self.max_seq:
+            raise ValueError(f"{rows} rows of {seq} positions exceed the cache's {self.max_batch} x {self.max_seq}")
+        if rows <= 0 or seq <= 0:
+            return 0, 0
+        return (min(1 << (rows - 1).bit_length(), self.max_batch),
+                min(max(1 << (seq - 1).bit_length(), self.MIN_SEQ), self.max_seq))
+
+    def bytes_for(self, rows: int, seq: int) -> int:
+        """Bytes of K/V (or latents) a growing cache holds for `rows` rows of up to `seq` positions."""
+        r, s = self.rounded(rows, seq)
+        return r * s * self.bytes_per_token()
+
+    def reserve(self, rows: int, seq: int) -> bool:
+        """Make rows 0..rows-1 hold positions 0..seq-1 (rows and positions beyond may be dropped: the caller
+        names everything that is cached). Reallocates only when they do not fit, or, for (0, 0), to free the
+        cache; True when it did. A preallocated cache always fits."""
+        if not self.grow:
+            if rows > self.max_batch or seq > self.max_seq:
+                raise ValueError(f"{rows} rows of {seq} positions exceed the cache's {self.max_batch} x {self.max_seq}")
+            return False
+        if rows == 0 and seq == 0:
+            if not self.rows_cap:
+                return False
+            self._allocate(0, 0)
+            return True
+        if rows <= self.rows_cap and seq <= self.seq_cap:
+            return False
+        self._allocate(*self.rounded(rows, seq))
+        return True
 
     paged = False
 
@@ -155,11 +224,13 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def bytes_per_token(self) -> int:
-        return self.nbytes() // (self.max_batch * self.max_seq)
+        """Cache bytes of one token over all layers."""
+        per_layer = self.spec.width if self.spec.mla else 2 * self.spec.kv_heads * self.spec.width
+        return self.num_layers * per_layer * torch.empty((), dtype=self.dtype).element_size()
 
     def set_lengths(self, row0: int, lengths: torch.Tensor) -> None:
         """Rows row0.. now hold `lengths` cached positions each (after a prefill)."""
-        visible = torch.arange(self.max_seq, device=lengths.device)[None, :] < lengths[:, None]
+        visible = torch.arange(self.seq_cap, device=lengths.device)[None, :] < lengths[:, None]
         self.bias[row0:row0 + lengths.shape[0]].zero_().masked_fill_(~visible, float("-inf"))
 
     def move_row(self, src: int, dst: int, length: int) -> None:
@@ -328,9 +399,10 @@ class FunctionalGPT:
         self._routing = None
 
     # ---------------------------------------------------------------------------------- pieces
-    def new_cache(self, max_batch: int, device=None) -> KVCache:
+    def new_cache(self, max_batch: int, device=None, grow: bool = False) -> KVCache:
+        """A contiguous `KVCache`: preallocated, or (`grow`) sized on demand by `reserve`."""
         device = device or self.embed_w.device
-        return KVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device)
+        return KVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device, grow=grow)
 
     def new_paged_cache(self, max_batch: int, block_size: int = 16, num_blocks: Optional[int] = None,
                         device=None):
@@ -686,9 +758,10 @@ class FunctionalGPT:
         fused = self.fused_decode_step() if self.use_fused and max_len is None and not cache.paged else None
         if fused is not None:
             ext, layers, eps, final_w = fused
+            S = cache.bias.shape[1]  # the rope tables' rows must match the cache's positions (a growing cache)
             return ext.dense_decode(tokens, pos, self.embed_w, layers, eps, final_w, self.out_w, cache.kv,
-                                    cache.bias, self.cos, self.sin, self.kv_heads, self.heads // self.kv_heads,
-                                    self.hd, self.softmax_scale)
+                                    cache.bias, self.cos[:S], self.sin[:S], self.kv_heads,
+                                    self.heads // self.kv_heads, self.hd, self.softmax_scale)
         B = tokens.shape[0]
         if max_len is None:  # eager: a paged cache's changed block-table rows go to the device (static: the caller)
             cache.sync()

@@ -92,6 +92,7 @@ class PagedKVCache:
     blocks its table names."""
 
     paged = True
+    version = 0  # the pools never move (a growing contiguous cache counts its reallocations here)
 
     def __init__(self, num_layers: int, spec, max_batch: int, max_seq: int, dtype, device,
                  block_size: int = 16, num_blocks: Optional[int] = None):
@@ -143,6 +144,10 @@ class PagedKVCache:
     @property
     def num_free(self) -> int:
         return self.pool.num_free
+
+    def reserve(self, rows: int, seq: int) -> bool:
+        """Nothing to grow: the pool is allocated whole (the contiguous cache's hook)."""
+        return False
 
     def row_blocks(self, row: int) -> list[int]:
         return list(self.rows[row])

@@ -11,14 +11,17 @@ def parallel_tp1():
     return init_parallel(ParallelConfig())
 
 
-def make_model(preset: str, seed: int = 0, std: float = 0.05):
+def make_model(preset: str, seed: int = 0, std: float = 0.05, **overrides):
     """A TP=1 fp32 model whose every weight (norms, biases, expert bias too) is random, so no term is trivially
-    zero or one and a wrong formula shows up in the logits."""
+    zero or one and a wrong formula shows up in the logits. `overrides`: ModelConfig fields set on the preset."""
     from megatron_r1.config import ParallelConfig
     from megatron_r1.models import build_model, get_preset
 
     torch.manual_seed(seed)
-    model = build_model(get_preset(preset), ParallelConfig(), "fp32").eval()
+    cfg = get_preset(preset)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = build_model(cfg, ParallelConfig(), "fp32").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):

@@ -86,3 +86,21 @@ def test_serve_load_checkpoint(parallel_tp1, tmp_path):
     assert name == "ckpt"
     for (n, a), b in zip(model.named_parameters(), engine.model.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_serve_kv_cache_flags(parallel_tp1):
+    """The defaults allocate no [slots x context] cache up front (#21); --kv-cache / --kv-cache-memory-gb /
+    --kv-block-size reach the engine."""
+    from megatron_r1.inference.cli import build_engine, build_parser
+    from megatron_r1.inference.paged_cache import blocks_for_memory
+
+    base = ["--preset", "llama_tiny", "--tokenizer", "builtin:demo"]
+    engine, _ = build_engine(build_parser().parse_args(base + ["--kv-cache", "contiguous"]))
+    assert not engine.cache.paged and engine.cache.nbytes() == 0 and engine.max_batch_size == 32
+    engine, _ = build_engine(build_parser().parse_args(
+        base + ["--kv-cache", "paged", "--kv-cache-memory-gb", "0.01", "--kv-block-size", "8"]))
+    token_bytes = engine.cache.bytes_per_token()
+    assert engine.cache.paged and engine.cache.block_size == 8
+    assert engine.cache.num_blocks == blocks_for_memory(0.01, 8, token_bytes)
+    engine, _ = build_engine(build_parser().parse_args(base + ["--kv-cache-memory-gb", "0.01"]))
+    assert engine.cache.nbytes() <= 0.01 * 2 ** 30
