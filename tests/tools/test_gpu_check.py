@@ -149,7 +149,8 @@ def _tiny_wheel(folder: Path) -> Path:
     folder.mkdir()
     path = folder / "gpu_carried_probe-1.0-py3-none-any.whl"
     files = {"gpu_carried_probe.py": "VALUE = 42\n",
-             "gpu_carried_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: gpu-carried-probe\nVersion: 1.0\n",
+             "gpu_carried_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: gpu-carried-probe\n"
+                                                         "Version: 1.0\n",
              "gpu_carried_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                                                       "Tag: py3-none-any\n"}
     record = "".join(f"{name},,\n" for name in files) + "gpu_carried_probe-1.0.dist-info/RECORD,,\n"
