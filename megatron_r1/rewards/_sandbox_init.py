@@ -13,14 +13,18 @@ the run's cgroups. Steps, each needed for one guarantee (see docs/sandbox.md):
 It is a standalone script (stdlib only) so that it starts fast and imports nothing from the trainer's tree. Setup
 failures are written to `status_fd` (closed on exec, so the untrusted program cannot forge them) and exit 125.
 """
-import ctypes
-import json
-import os
-import platform
-import resource
-import shutil
-import signal
-import sys
+import time
+
+T_START = time.monotonic()  # phase marks (spec["trace_fd"], tools/bench_sandbox.py --phases) start here
+
+import ctypes  # noqa: E402 - imports are themselves a phase
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
@@ -35,6 +39,13 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.unshare.argtypes = [ctypes.c_int]
+
+
+def mark(spec: dict, name: str, t: float | None = None) -> None:
+    """Record when a phase ended (only when the caller asked for a trace: profiling, not a guarantee)."""
+    fd = spec.get("trace_fd")
+    if fd is not None:
+        os.write(fd, f"{name} {time.monotonic() if t is None else t}\n".encode())
 
 
 class SetupError(Exception):
@@ -129,6 +140,7 @@ def build_root(spec: dict) -> None:
     except SetupError:
         if not spec["proc_optional"]:
             raise  # as root it must work; in a user namespace a masked host /proc may forbid it: run without
+    mark(spec, "mounted")
     os.chdir(root)
     if SYS_PIVOT_ROOT is not None:
         check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")  # the old root is stacked on the new one
@@ -137,6 +149,7 @@ def build_root(spec: dict) -> None:
         os.chroot(".")
     os.chdir("/")
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    mark(spec, "pivoted")
 
 
 def drop_and_exec(spec: dict, status_fd: int) -> None:
@@ -149,6 +162,7 @@ def drop_and_exec(spec: dict, status_fd: int) -> None:
     for name, (soft, hard) in spec["rlimits"].items():
         resource.setrlimit(getattr(resource, name), (soft, hard))
     os.chdir(spec["workdir"])
+    mark(spec, "exec")
     try:
         os.execve(spec["argv"][0], spec["argv"], spec["env"])
     except OSError as e:
@@ -171,6 +185,9 @@ def enter_user_namespace(flags: int) -> None:
         f.write(f"0 {gid} 1")
 
 
+T_IMPORTED = time.monotonic()
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     try:
@@ -182,12 +199,17 @@ def main() -> None:
 def launch(spec: dict) -> None:
     status_fd = spec["status_fd"]
     os.set_inheritable(status_fd, False)
+    if spec.get("trace_fd") is not None:
+        os.set_inheritable(spec["trace_fd"], False)
+    mark(spec, "launcher-started", T_START)
+    mark(spec, "launcher-imported", T_IMPORTED)
     try:
         for procs in spec["cgroup_procs"]:  # first, so everything below (and every descendant) is accounted
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
     except OSError as e:
         fail(status_fd, f"sandbox setup: join cgroup {procs}: {e}")
+    mark(spec, "cgroup-joined")
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
     try:
         if spec["user_namespace"]:
@@ -196,10 +218,12 @@ def launch(spec: dict) -> None:
             check(libc.unshare(flags), "unshare")
     except (SetupError, OSError) as e:
         fail(status_fd, f"sandbox setup: {e}")
+    mark(spec, "unshared")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     child = os.fork()
     if child == 0:
         try:
+            mark(spec, "forked-pid1")
             check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
             build_root(spec)
             drop_and_exec(spec, status_fd)

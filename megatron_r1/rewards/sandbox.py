@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_r1.rewards.cgroups import CgroupRoot, RunCgroup, find_cgroup_root
-from megatron_r1.rewards.isolation import WORKDIR, FilesystemView, filesystem_view
+from megatron_r1.rewards.isolation import WORKDIR, FilesystemView, filesystem_view, site_boot_args
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class _Plan:
     python: str
     view: FilesystemView
     cgroups: CgroupRoot | None
+    site_args: tuple[str, ...] = ()  # what `site` would do, as boot.py options (runs start with -S)
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,7 @@ def sandbox_capabilities(python: str | None = None) -> Capabilities:
     missing: list[str] = []
     try:
         view = filesystem_view(interpreter)
+        site = site_boot_args(interpreter)
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         return Capabilities(None, None, interpreter, (f"interpreter {interpreter}: {e}",))
     cg_root, cg_reason = find_cgroup_root()
@@ -293,7 +295,7 @@ def sandbox_capabilities(python: str | None = None) -> Capabilities:
     mechanisms = (["namespaces"] if os.geteuid() == 0 else []) + ["user-namespaces"]
     for mechanism in mechanisms:
         for cgroups in ([cg_root, None] if cg_root is not None else [None]):
-            plan = _Plan(mechanism, interpreter, view, cgroups)
+            plan = _Plan(mechanism, interpreter, view, cgroups, site)
             try:
                 r = _run_isolated(plan, _PROBE, "2 3", SandboxLimits(wall_seconds=30), audit_hook=True)
             except (SandboxSetupError, OSError) as e:
@@ -407,9 +409,16 @@ def _read_output(path: str, limit: int) -> str:
 
 
 def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, audit_hook: bool,
-                  files: dict | None = None) -> SandboxResult:
+                  files: dict | None = None, trace: dict[str, float] | None = None) -> SandboxResult:
+    """One isolated run; `trace`, when given, receives {phase: monotonic time it ended} (bench_sandbox --phases)."""
+    def mark(name: str) -> None:
+        if trace is not None:
+            trace[name] = time.monotonic()
+
+    mark("start")
     staging = tempfile.mkdtemp(prefix="mr1-sandbox-")  # 0700, root's: the program never sees it
     cgroup = None
+    trace_r, trace_w = os.pipe() if trace is not None else (-1, -1)
     try:
         work = os.path.join(staging, "work")
         os.mkdir(work)
@@ -418,6 +427,7 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
         Path(staging, "stdin.txt").write_text(stdin, encoding="utf-8")
         as_root = plan.mechanism == "namespaces"
         uid = _new_run_uid() if as_root else 0
+        mark("staged")
         if plan.cgroups is not None:
             cgroup = RunCgroup(plan.cgroups, os.path.basename(staging), (limits.memory_mb + _LAUNCHER_MB) << 20,
                                limits.max_processes + 1, limits.cpu_cores)
@@ -429,13 +439,18 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
             rlimits["RLIMIT_NPROC"] = (limits.max_processes, limits.max_processes)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": WORKDIR,
                "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-        argv = [plan.python, "-I", "-B"] + (["/.sandbox/boot.py", "program.py"] if audit_hook else ["program.py"])
+        # -S: `site` (the venv's .pth imports) is most of a venv interpreter's start-up; boot.py sets the prefix and
+        # sys.path that `site` would and defines exit()/quit().
+        argv = [plan.python, "-I", "-S", "-B", "/.sandbox/boot.py"] + ([] if audit_hook else ["--no-audit-hook"])
+        argv += list(plan.site_args) + ["program.py"]
         status_r, status_w = os.pipe()
         spec = {"root": os.path.join(staging, "root"), "work_src": work, "workdir": WORKDIR, "boot": _BOOT,
                 "binds": plan.view.binds, "symlinks": plan.view.symlinks, "uid": uid, "gid": uid,
                 "drop_uid": as_root, "user_namespace": plan.mechanism == "user-namespaces",
                 "proc_optional": not as_root, "scratch_mb": limits.scratch_mb, "status_fd": status_w,
-                "cgroup_procs": cgroup.procs_files if cgroup else [], "rlimits": rlimits, "argv": argv, "env": env}
+                "cgroup_procs": cgroup.procs_files if cgroup else [], "rlimits": rlimits, "argv": argv, "env": env,
+                "trace_fd": trace_w if trace is not None else None}
+        mark("cgroup-created")
         start = time.monotonic()
         try:
             with open(os.path.join(staging, "stdin.txt"), "rb") as fin, \
@@ -443,36 +458,57 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
                     open(os.path.join(staging, "stderr.txt"), "wb") as ferr:
                 proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, json.dumps(spec)], stdin=fin,
                                         stdout=fout, stderr=ferr, cwd=staging, env={"PATH": "/usr/bin:/bin"},
-                                        close_fds=True, pass_fds=(status_w,), start_new_session=True)
+                                        close_fds=True, start_new_session=True,
+                                        pass_fds=(status_w,) + ((trace_w,) if trace is not None else ()))
+            mark("spawned")
             os.close(status_w)
             status_w = -1
+            if trace is not None:
+                os.close(trace_w)
+                trace_w = -1
             timed_out = _wait(proc, limits, cgroup)
+            mark("exited")
             if cgroup is not None:
                 cgroup.kill()  # the launcher and, through the PID namespace, everything the program started
             else:
                 os.kill(proc.pid, signal.SIGTERM) if proc.poll() is None else None  # forwarded as SIGKILL to PID 1
+            mark("cgroup-emptied")
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            mark("reaped")
             elapsed = time.monotonic() - start
             with os.fdopen(status_r, "rb") as status:
                 status_r = -1
                 setup_error = status.read(4096).decode("utf-8", errors="replace")
+            if trace is not None:
+                with os.fdopen(trace_r, "rb") as marks:
+                    trace_r = -1
+                    for line in marks.read().decode().splitlines():
+                        name, _, t = line.partition(" ")
+                        trace[name] = float(t)
         finally:
             for fd in (status_r, status_w):
                 if fd >= 0:
                     os.close(fd)
         if setup_error:
             raise SandboxSetupError(setup_error)
-        return SandboxResult(proc.returncode, _read_output(os.path.join(staging, "stdout.txt"), limits.output_bytes),
-                             _read_output(os.path.join(staging, "stderr.txt"), limits.output_bytes), timed_out,
-                             elapsed, oom_killed=cgroup.oom_killed() if cgroup else False, isolated=True)
+        result = SandboxResult(proc.returncode, _read_output(os.path.join(staging, "stdout.txt"), limits.output_bytes),
+                               _read_output(os.path.join(staging, "stderr.txt"), limits.output_bytes), timed_out,
+                               elapsed, oom_killed=cgroup.oom_killed() if cgroup else False, isolated=True)
+        mark("collected")
+        return result
     finally:
         if cgroup is not None:
             cgroup.remove()
+            mark("cgroup-removed")
         shutil.rmtree(staging, ignore_errors=True)
+        for fd in (trace_r, trace_w):
+            if fd >= 0:
+                os.close(fd)
+        mark("cleaned")
 
 
 def _run_unisolated(source: str, stdin: str, limits: SandboxLimits, python: str | None, audit_hook: bool,

@@ -419,3 +419,20 @@ def test_an_interpreter_installed_under_tmp_is_bound_into_the_runs_own_tmp(tmp_p
     r = run_python(program, "", LIMITS, python=str(venv / "bin" / "python"), audit_hook=False)
     assert r.isolated and r.returncode == 0, r
     assert r.stdout.split() == [str(venv), "False", "read-only"]
+
+
+@isolated
+def test_a_run_without_site_sees_what_site_would_give_it():
+    # Runs start the interpreter with -S (faster); boot.py must restore what `site` gives a program: the venv's
+    # sys.prefix, its site-packages on sys.path, exit()/quit(). Reference: the same interpreter run plainly.
+    import json
+    import subprocess
+    probe = "import json, sys\nprint(json.dumps([sys.prefix, sys.exec_prefix, sys.path[1:]]))\n"
+    ref = json.loads(subprocess.run([CAPS.python, "-I", "-c", probe], capture_output=True, text=True,
+                                    check=True).stdout)
+    for audit_hook in (True, False):
+        r = run_python(probe + "exit(3)\n", "", LIMITS, audit_hook=audit_hook)
+        assert r.isolated and r.returncode == 3, r
+        prefix, exec_prefix, path = json.loads(r.stdout)
+        assert [prefix, exec_prefix] == ref[:2]
+        assert [p for p in ref[2] if "-packages" in p] == [p for p in path if "-packages" in p] != []
