@@ -1,4 +1,4 @@
-"""Launcher run as `python -I -S _sandbox_init.py SPEC_JSON`: builds the isolated run, then execs the program.
+"""Launcher run as `python -I -S _sandbox_init.py SPEC` (marshalled, hex): builds the isolated run, execs the program.
 
 Runs as root (or as root of a fresh user namespace when the trainer is not root) in a process that already sits in
 the run's cgroups. Steps, each needed for one guarantee (see docs/sandbox.md):
@@ -17,13 +17,12 @@ import time
 
 T_START = time.monotonic()  # phase marks (spec["trace_fd"], tools/bench_sandbox.py --phases) start here
 
-import ctypes  # noqa: E402 - imports are themselves a phase
-import json  # noqa: E402
+# Only what is built in or small: json, shutil, platform and signal (enum) cost this launcher ~10 ms per run.
+import _signal as signal  # noqa: E402 - imports are themselves a phase; `signal` would import enum
+import ctypes  # noqa: E402
+import marshal  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
@@ -32,7 +31,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}.get(platform.machine())
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}.get(os.uname().machine)
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -85,6 +84,21 @@ def mount_points_under(path: str) -> list[str]:
     return out
 
 
+def copy_file(src: str, dst: str, uid: int, gid: int) -> None:
+    """Copy `src` to a new file `dst` owned by uid:gid (shutil.copyfile without importing shutil)."""
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            while os.sendfile(fout, fin, None, 1 << 20):
+                pass
+            os.fchown(fout, uid, gid)
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
 def bind_readonly(src: str, dst: str) -> None:
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
@@ -130,10 +144,9 @@ def build_root(spec: dict) -> None:
     mount("tmpfs", work, "tmpfs", scratch, f"{size},mode=0700,{owner}")
     for name in os.listdir(spec["work_src"]):
         dst = os.path.join(work, name)
-        shutil.copyfile(os.path.join(spec["work_src"], name), dst)
-        os.chown(dst, uid, gid)
+        copy_file(os.path.join(spec["work_src"], name), dst, uid, gid)
     os.makedirs(root + "/.sandbox")
-    shutil.copyfile(spec["boot"], root + "/.sandbox/boot.py")
+    copy_file(spec["boot"], root + "/.sandbox/boot.py", 0, 0)
     os.makedirs(root + "/proc")
     try:  # our own PID namespace's /proc: the trainer and other runs are not in it
         mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -189,7 +202,7 @@ T_IMPORTED = time.monotonic()
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
+    spec = marshal.loads(bytes.fromhex(sys.argv[1]))  # from the trainer (trusted): plain data, no json import
     try:
         launch(spec)
     except Exception as e:  # noqa: BLE001 - whatever breaks here is a setup failure the trainer must hear about

@@ -24,8 +24,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import json
 import logging
+import marshal
 import os
 import resource
 import select
@@ -456,7 +456,7 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
             with open(os.path.join(staging, "stdin.txt"), "rb") as fin, \
                     open(os.path.join(staging, "stdout.txt"), "wb") as fout, \
                     open(os.path.join(staging, "stderr.txt"), "wb") as ferr:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, json.dumps(spec)], stdin=fin,
+                proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, marshal.dumps(spec).hex()], stdin=fin,
                                         stdout=fout, stderr=ferr, cwd=staging, env={"PATH": "/usr/bin:/bin"},
                                         close_fds=True, start_new_session=True,
                                         pass_fds=(status_w,) + ((trace_w,) if trace is not None else ()))
