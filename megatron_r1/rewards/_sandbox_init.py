@@ -1,29 +1,29 @@
-"""Launcher run as `python -I -S _sandbox_init.py SPEC` (marshalled, hex): builds the isolated run, execs the program.
+"""Warm launcher of isolated runs, `python -I -S _sandbox_init.py CONTROL_FD`: forks a fresh launcher per run.
 
-Runs as root (or as root of a fresh user namespace when the trainer is not root) in a process that already sits in
-the run's cgroups. Steps, each needed for one guarantee (see docs/sandbox.md):
-1. unshare mount, PID, network, IPC, UTS and cgroup namespaces (plus a user namespace when not root);
+One server per trainer (`serve`), started once: a run then costs a fork instead of an interpreter start and its
+imports (~20 ms). Each forked launcher runs as root (or as root of a fresh user namespace when the trainer is not
+root) and builds its run; steps, each needed for one guarantee (see docs/sandbox.md):
+1. join the run's own cgroups, then unshare mount, PID, network, IPC, UTS and cgroup namespaces (plus a user
+   namespace when not root): fresh ones per run, never the server's;
 2. fork: the child is PID 1 of the new PID namespace, so when it exits the kernel kills every process left in the
-   namespace (setsid'd or double-forked stragglers included); this process waits and mirrors its exit status;
+   namespace (setsid'd or double-forked stragglers included); the launcher waits and reports its exit status;
 3. in the child: a private tmpfs root holding read-only bind mounts of the Python installation and system
    libraries, a private writable /work, an empty /tmp and /dev/shm, a few device nodes and a /proc of its own;
    pivot_root into it and detach the host's tree, so nothing else of the host is reachable;
 4. drop to the run's uid, no_new_privs, rlimits, then exec the interpreter (PID 1 becomes the program).
 
-It is a standalone script (stdlib only) so that it starts fast and imports nothing from the trainer's tree. Setup
-failures are written to `status_fd` (closed on exec, so the untrusted program cannot forge them) and exit 125.
+It is a standalone script (stdlib only) that imports nothing from the trainer's tree. Setup failures are written
+to `status_fd` (closed on exec, so the untrusted program cannot forge them) and exit 125.
 """
+import _signal as signal  # `signal` would import enum: not needed
+import ctypes
+import marshal
+import os
+import resource
+import select
+import socket
+import sys
 import time
-
-T_START = time.monotonic()  # phase marks (spec["trace_fd"], tools/bench_sandbox.py --phases) start here
-
-# Only what is built in or small: json, shutil, platform and signal (enum) cost this launcher ~10 ms per run.
-import _signal as signal  # noqa: E402 - imports are themselves a phase; `signal` would import enum
-import ctypes  # noqa: E402
-import marshal  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
 
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
 CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
@@ -40,11 +40,11 @@ libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.unshare.argtypes = [ctypes.c_int]
 
 
-def mark(spec: dict, name: str, t: float | None = None) -> None:
+def mark(spec: dict, name: str) -> None:
     """Record when a phase ended (only when the caller asked for a trace: profiling, not a guarantee)."""
     fd = spec.get("trace_fd")
     if fd is not None:
-        os.write(fd, f"{name} {time.monotonic() if t is None else t}\n".encode())
+        os.write(fd, f"{name} {time.monotonic()}\n".encode())
 
 
 class SetupError(Exception):
@@ -198,24 +198,55 @@ def enter_user_namespace(flags: int) -> None:
         f.write(f"0 {gid} 1")
 
 
-T_IMPORTED = time.monotonic()
+def serve(control_fd: int) -> None:
+    """The warm launcher: one process per trainer, started once, forking a fresh launcher per run.
+
+    Each request on `control_fd` (a SOCK_SEQPACKET socket) is one message: the marshalled spec, with the run's
+    stdin, stdout, stderr, status pipe, a socket of its own (`conn`) and optionally the trace pipe attached. This
+    process never joins a cgroup or a namespace itself: everything of a run happens in the forked child, exactly as
+    a freshly started launcher would do it, so a run shares nothing with another but the code already imported.
+    It exits when the trainer's end of `control_fd` closes.
+    """
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked launchers are reaped by the kernel
+    control = socket.socket(fileno=control_fd)
+    while True:
+        msg, fds, _, _ = socket.recv_fds(control, 1 << 20, 8)
+        if not msg:
+            return
+        if len(fds) < 5:  # not a request of ours (a truncated message): nothing to run, nowhere to report
+            for fd in fds:
+                os.close(fd)
+            continue
+        if os.fork() == 0:
+            control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored SIGCHLD would also survive the exec
+            run_forked(msg, fds)
+        for fd in fds:
+            os.close(fd)
 
 
-def main() -> None:
-    spec = marshal.loads(bytes.fromhex(sys.argv[1]))  # from the trainer (trusted): plain data, no json import
+def run_forked(msg: bytes, fds: list) -> None:
+    """In the forked launcher: take the run's descriptors, build the run, report PID 1's exit on `conn`."""
+    stdio, status_fd, conn_fd = fds[:3], fds[3], fds[-1]  # [stdin, stdout, stderr, status, (trace,) conn]
+    spec = marshal.loads(msg)  # from the trainer (trusted): plain data
+    spec["status_fd"], spec["conn_fd"] = status_fd, conn_fd
+    spec["trace_fd"] = fds[4] if len(fds) > 5 else None
     try:
+        os.setsid()
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+            os.close(fd)
+        for fd in fds[3:]:
+            os.set_inheritable(fd, False)  # received descriptors are inheritable: none may reach the program
         launch(spec)
     except Exception as e:  # noqa: BLE001 - whatever breaks here is a setup failure the trainer must hear about
-        fail(spec["status_fd"], f"sandbox setup: {type(e).__name__}: {e}")
+        fail(status_fd, f"sandbox setup: {type(e).__name__}: {e}")
+    os._exit(0)
 
 
 def launch(spec: dict) -> None:
     status_fd = spec["status_fd"]
-    os.set_inheritable(status_fd, False)
-    if spec.get("trace_fd") is not None:
-        os.set_inheritable(spec["trace_fd"], False)
-    mark(spec, "launcher-started", T_START)
-    mark(spec, "launcher-imported", T_IMPORTED)
+    mark(spec, "launcher-started")
     try:
         for procs in spec["cgroup_procs"]:  # first, so everything below (and every descendant) is accounted
             with open(procs, "w") as f:
@@ -238,24 +269,25 @@ def launch(spec: dict) -> None:
         try:
             mark(spec, "forked-pid1")
             check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+            os.close(spec["conn_fd"])
             build_root(spec)
             drop_and_exec(spec, status_fd)
         except Exception as e:  # noqa: BLE001 - PID 1 must never fall through to the parent's code below
             fail(status_fd, f"sandbox setup: {type(e).__name__}: {e}")
-    # Parent: stays outside the PID namespace; a kill of this process ends PID 1 too (SIGKILL is forwarded, and
-    # PID 1's parent-death signal covers our own SIGKILL).
-    forward = lambda *_: os.kill(child, signal.SIGKILL)  # noqa: E731
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    # Stays outside the PID namespace and waits for PID 1, or for the trainer to say stop (or to go away: EOF on
+    # conn), then kills PID 1 (PID 1's parent-death signal covers a kill of this process), and reports the exit.
+    pidfd = os.pidfd_open(child)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(spec["conn_fd"], select.POLLIN)
+    ready: list[int] = []
+    while not ready:
+        ready = [fd for fd, _ in poller.poll()]
+    if pidfd not in ready:  # the trainer said stop, or is gone
+        os.kill(child, signal.SIGKILL)
     _, status = os.waitpid(child, 0)
-    if os.WIFEXITED(status):
-        os._exit(os.WEXITSTATUS(status))
-    sig = os.WTERMSIG(status)
-    if sig != signal.SIGKILL:
-        signal.signal(sig, signal.SIG_DFL)
-    os.kill(os.getpid(), sig)  # mirror "killed by signal N" so the caller sees returncode -N
-    os._exit(128 + sig)
+    os.write(spec["conn_fd"], str(os.waitstatus_to_exitcode(status)).encode())
 
 
 if __name__ == "__main__":
-    main()
+    serve(int(sys.argv[1]))

@@ -31,9 +31,11 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,39 +370,87 @@ def _write_files(directory: str, source: str, files: dict | None) -> None:
 
 
 def _wait(proc: subprocess.Popen, limits: SandboxLimits, cgroup: RunCgroup | None) -> bool:
-    """Wait for the launcher to exit; True when the wall time or the run's total CPU time ran out first.
+    """Wait for `proc` to exit; True when the wall time or the run's total CPU time ran out first.
 
     A pidfd wakes us the moment the process exits (Popen.wait(timeout) polls with sleeps of up to 50 ms).
     """
-    deadline = time.monotonic() + limits.wall_seconds
-    check_cpu = cgroup is not None and cgroup.cpu_seconds() is not None
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         fd = None
-    try:
-        if fd is not None:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            step = min(remaining, 0.1) if check_cpu else remaining
-            if fd is not None:
-                if poller.poll(step * 1000):
-                    return False
-            else:
-                try:
-                    proc.wait(timeout=step)
-                    return False
-                except subprocess.TimeoutExpired:
-                    pass
-            if check_cpu and (cgroup.cpu_seconds() or 0.0) > limits.cpu_seconds:
-                return True
-    finally:
-        if fd is not None:
+    if fd is not None:
+        try:
+            return _wait_readable(fd, limits, cgroup)
+        finally:
             os.close(fd)
+    deadline = time.monotonic() + limits.wall_seconds
+    while time.monotonic() < deadline:
+        try:
+            proc.wait(timeout=deadline - time.monotonic())
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    return True
+
+
+def _wait_readable(fd: int, limits: SandboxLimits, cgroup: RunCgroup | None) -> bool:
+    """Wait until `fd` is readable (a pidfd: the process exited; a launcher's socket: the run ended); True when the
+    wall time or, with a cgroup, the run's total CPU time (checked every 100 ms) ran out first."""
+    deadline = time.monotonic() + limits.wall_seconds
+    check_cpu = cgroup is not None and cgroup.cpu_seconds() is not None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return True
+        if poller.poll((min(remaining, 0.1) if check_cpu else remaining) * 1000):
+            return False
+        if check_cpu and (cgroup.cpu_seconds() or 0.0) > limits.cpu_seconds:  # type: ignore[union-attr]
+            return True
+
+
+class _Launcher:
+    """The warm launcher of isolated runs (`_sandbox_init.serve`), one per trainer process, started on first use.
+
+    It forks a fresh launcher per run, which joins the run's cgroups and unshares fresh namespaces itself, so a run
+    costs a fork instead of an interpreter start and its imports. Requests go over a SOCK_SEQPACKET socket (one
+    message each, the run's descriptors attached); each run answers on a socket of its own.
+    """
+
+    _lock = threading.Lock()
+    _current: _Launcher | None = None
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, str(theirs.fileno())], cwd="/",
+                                         env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),),
+                                         start_new_session=True)
+        self.control = ours
+        self.owner = os.getpid()
+
+    @classmethod
+    def start_run(cls, spec: dict, fds: list[int]) -> socket.socket:
+        """Hand one run to the launcher (restarted once if it died, or if this process is a fork of its owner)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            for attempt in (0, 1):
+                with cls._lock:
+                    if cls._current is None or cls._current.owner != os.getpid() or attempt:
+                        if cls._current is not None and cls._current.owner == os.getpid():
+                            cls._current.control.close()  # a server that is still there exits on EOF
+                        cls._current = _Launcher()
+                    control = cls._current.control
+                    try:
+                        socket.send_fds(control, [marshal.dumps(spec)], fds + [theirs.fileno()])
+                        return ours
+                    except OSError:
+                        if attempt:
+                            ours.close()
+                            raise
+        raise AssertionError("unreachable")
 
 
 def _read_output(path: str, limit: int) -> str:
@@ -447,42 +497,45 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
         spec = {"root": os.path.join(staging, "root"), "work_src": work, "workdir": WORKDIR, "boot": _BOOT,
                 "binds": plan.view.binds, "symlinks": plan.view.symlinks, "uid": uid, "gid": uid,
                 "drop_uid": as_root, "user_namespace": plan.mechanism == "user-namespaces",
-                "proc_optional": not as_root, "scratch_mb": limits.scratch_mb, "status_fd": status_w,
-                "cgroup_procs": cgroup.procs_files if cgroup else [], "rlimits": rlimits, "argv": argv, "env": env,
-                "trace_fd": trace_w if trace is not None else None}
+                "proc_optional": not as_root, "scratch_mb": limits.scratch_mb,
+                "cgroup_procs": cgroup.procs_files if cgroup else [], "rlimits": rlimits, "argv": argv, "env": env}
         mark("cgroup-created")
         start = time.monotonic()
+        conn = None
         try:
             with open(os.path.join(staging, "stdin.txt"), "rb") as fin, \
                     open(os.path.join(staging, "stdout.txt"), "wb") as fout, \
                     open(os.path.join(staging, "stderr.txt"), "wb") as ferr:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, marshal.dumps(spec).hex()], stdin=fin,
-                                        stdout=fout, stderr=ferr, cwd=staging, env={"PATH": "/usr/bin:/bin"},
-                                        close_fds=True, start_new_session=True,
-                                        pass_fds=(status_w,) + ((trace_w,) if trace is not None else ()))
+                fds = [fin.fileno(), fout.fileno(), ferr.fileno(), status_w] + ([trace_w] if trace is not None else [])
+                conn = _Launcher.start_run(spec, fds)
             mark("spawned")
             os.close(status_w)
             status_w = -1
             if trace is not None:
                 os.close(trace_w)
                 trace_w = -1
-            timed_out = _wait(proc, limits, cgroup)
+            timed_out = _wait_readable(conn.fileno(), limits, cgroup)
             mark("exited")
-            if cgroup is not None:
-                cgroup.kill()  # the launcher and, through the PID namespace, everything the program started
-            else:
-                os.kill(proc.pid, signal.SIGTERM) if proc.poll() is None else None  # forwarded as SIGKILL to PID 1
-            mark("cgroup-emptied")
+            if timed_out:
+                if cgroup is not None:
+                    cgroup.kill()  # the launcher and, through the PID namespace, everything the program started
+                else:
+                    conn.send(b"k")  # the launcher kills PID 1, and with it the PID namespace
+            conn.settimeout(5.0)
             try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            mark("reaped")
+                answer = conn.recv(64)
+            except (TimeoutError, OSError):
+                answer = b""
+            # The launcher reports PID 1's exit as a returncode; killed (the cgroup kill, the OOM killer): SIGKILL.
+            returncode = int(answer) if answer else -signal.SIGKILL
+            if cgroup is not None:
+                cgroup.kill()  # nothing should be left (PID 1 is gone): the launcher itself, about to exit
+            mark("cgroup-emptied")
             elapsed = time.monotonic() - start
             with os.fdopen(status_r, "rb") as status:
                 status_r = -1
                 setup_error = status.read(4096).decode("utf-8", errors="replace")
+            mark("reaped")
             if trace is not None:
                 with os.fdopen(trace_r, "rb") as marks:
                     trace_r = -1
@@ -490,12 +543,14 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
                         name, _, t = line.partition(" ")
                         trace[name] = float(t)
         finally:
+            if conn is not None:
+                conn.close()
             for fd in (status_r, status_w):
                 if fd >= 0:
                     os.close(fd)
         if setup_error:
             raise SandboxSetupError(setup_error)
-        result = SandboxResult(proc.returncode, _read_output(os.path.join(staging, "stdout.txt"), limits.output_bytes),
+        result = SandboxResult(returncode, _read_output(os.path.join(staging, "stdout.txt"), limits.output_bytes),
                                _read_output(os.path.join(staging, "stderr.txt"), limits.output_bytes), timed_out,
                                elapsed, oom_killed=cgroup.oom_killed() if cgroup else False, isolated=True)
         mark("collected")

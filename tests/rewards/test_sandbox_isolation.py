@@ -436,3 +436,33 @@ def test_a_run_without_site_sees_what_site_would_give_it():
         prefix, exec_prefix, path = json.loads(r.stdout)
         assert [prefix, exec_prefix] == ref[:2]
         assert [p for p in ref[2] if "-packages" in p] == [p for p in path if "-packages" in p] != []
+
+
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
+# Held for a while: the kernel reuses a dead namespace's inode number, so only live ones can be told apart.
+NS_PROGRAM = ("import os, time\nprint(' '.join(os.readlink('/proc/self/ns/' + n) for n in %r), flush=True)\n"
+              "time.sleep(3)\n" % (NAMESPACES,))
+
+
+@isolated
+def test_runs_forked_by_the_warm_launcher_get_fresh_namespaces_each():
+    # The launcher server is started once and forks a launcher per run: the namespaces must still be per run,
+    # none shared with another run, the trainer or the server itself.
+    with ThreadPoolExecutor(3) as ex:
+        runs = [r.stdout.split() for r in ex.map(lambda _: run_python(NS_PROGRAM, "", LIMITS), range(3))]
+    server = sandbox_module._Launcher._current.proc.pid
+    outside = {os.readlink(f"/proc/{pid}/ns/{n}") for pid in (os.getpid(), server) for n in NAMESPACES}
+    seen = [ns for r in runs for ns in r]
+    assert all(len(r) == len(NAMESPACES) for r in runs), runs
+    assert len(set(seen)) == len(seen) and not outside & set(seen)
+
+
+@isolated
+def test_a_dead_launcher_server_is_replaced():
+    assert run_python("print(1)", "", LIMITS).stdout == "1\n"
+    server = sandbox_module._Launcher._current.proc
+    server.kill()
+    server.wait()
+    r = run_python("print(2)", "", LIMITS)
+    assert (r.returncode, r.stdout, r.isolated) == (0, "2\n", True), r
+    assert sandbox_module._Launcher._current.proc.pid != server.pid
