@@ -3,12 +3,25 @@
 The hook is defence in depth, not the boundary: it refuses sockets, subprocess/exec, ctypes and file writes outside
 the sandbox directory. The OS limits set by the parent (rlimits, unprivileged uid, network namespace) are the wall.
 Everything the hook uses lives in a closure, so the program cannot patch it through `sys.modules["__main__"]`.
+Isolated runs start the interpreter with -S (faster); this script then gives the program what `site` would: the
+prefix and site-packages paths (`--prefix`, `--path`) and exit()/quit()/help().
 """
 import sys
 
 
-def _install_hook_and_run(program: str) -> None:
+def _install_hook_and_run(program: str, audit_hook: bool = True, site_like: dict | None = None) -> None:
     import os
+
+    if sys.flags.no_site:  # isolated runs start with -S: what `site` gives a program, minus .pth code
+        import site
+
+        site.setquit()
+        site.setcopyright()
+        site.sethelper()
+        site_like = site_like or {}
+        sys.prefix = site_like.get("prefix", sys.prefix)
+        sys.exec_prefix = site_like.get("exec_prefix", sys.exec_prefix)
+        sys.path.extend(p for p in site_like.get("paths", []) if p not in sys.path)
 
     root = os.path.realpath(os.getcwd())
     realpath, fsdecode, sep = os.path.realpath, os.fsdecode, os.sep
@@ -47,9 +60,28 @@ def _install_hook_and_run(program: str) -> None:
         code = compile(f.read(), "program.py", "exec")
     sys.argv = ["program.py"]
     sys.path[0] = root
-    sys.addaudithook(hook)
+    if audit_hook:
+        sys.addaudithook(hook)
     exec(code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
 
 
+def _main(argv: list[str]) -> None:
+    """`boot.py [--no-audit-hook] [--prefix P] [--exec-prefix P] [--path DIR]... program.py` (no argparse: it
+    would slow down every run's start)."""
+    audit_hook = True
+    site_like: dict = {"paths": []}
+    while len(argv) > 1:
+        flag = argv.pop(0)
+        if flag == "--no-audit-hook":
+            audit_hook = False
+        elif flag == "--path":
+            site_like["paths"].append(argv.pop(0))
+        elif flag in ("--prefix", "--exec-prefix"):
+            site_like[flag[2:].replace("-", "_")] = argv.pop(0)
+        else:
+            raise SystemExit(f"sandbox boot: unknown option {flag!r}")
+    _install_hook_and_run(argv[0], audit_hook, site_like)
+
+
 if __name__ == "__main__":
-    _install_hook_and_run(sys.argv[1])
+    _main(sys.argv[1:])

@@ -24,22 +24,24 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
-import json
 import logging
+import marshal
 import os
 import resource
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_r1.rewards.cgroups import CgroupRoot, RunCgroup, find_cgroup_root
-from megatron_r1.rewards.isolation import WORKDIR, FilesystemView, filesystem_view
+from megatron_r1.rewards.isolation import WORKDIR, FilesystemView, filesystem_view, site_boot_args
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class _Plan:
     python: str
     view: FilesystemView
     cgroups: CgroupRoot | None
+    site_args: tuple[str, ...] = ()  # what `site` would do, as boot.py options (runs start with -S)
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,7 @@ def sandbox_capabilities(python: str | None = None) -> Capabilities:
     missing: list[str] = []
     try:
         view = filesystem_view(interpreter)
+        site = site_boot_args(interpreter)
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         return Capabilities(None, None, interpreter, (f"interpreter {interpreter}: {e}",))
     cg_root, cg_reason = find_cgroup_root()
@@ -293,7 +297,7 @@ def sandbox_capabilities(python: str | None = None) -> Capabilities:
     mechanisms = (["namespaces"] if os.geteuid() == 0 else []) + ["user-namespaces"]
     for mechanism in mechanisms:
         for cgroups in ([cg_root, None] if cg_root is not None else [None]):
-            plan = _Plan(mechanism, interpreter, view, cgroups)
+            plan = _Plan(mechanism, interpreter, view, cgroups, site)
             try:
                 r = _run_isolated(plan, _PROBE, "2 3", SandboxLimits(wall_seconds=30), audit_hook=True)
             except (SandboxSetupError, OSError) as e:
@@ -366,39 +370,87 @@ def _write_files(directory: str, source: str, files: dict | None) -> None:
 
 
 def _wait(proc: subprocess.Popen, limits: SandboxLimits, cgroup: RunCgroup | None) -> bool:
-    """Wait for the launcher to exit; True when the wall time or the run's total CPU time ran out first.
+    """Wait for `proc` to exit; True when the wall time or the run's total CPU time ran out first.
 
     A pidfd wakes us the moment the process exits (Popen.wait(timeout) polls with sleeps of up to 50 ms).
     """
-    deadline = time.monotonic() + limits.wall_seconds
-    check_cpu = cgroup is not None and cgroup.cpu_seconds() is not None
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):
         fd = None
-    try:
-        if fd is not None:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            step = min(remaining, 0.1) if check_cpu else remaining
-            if fd is not None:
-                if poller.poll(step * 1000):
-                    return False
-            else:
-                try:
-                    proc.wait(timeout=step)
-                    return False
-                except subprocess.TimeoutExpired:
-                    pass
-            if check_cpu and (cgroup.cpu_seconds() or 0.0) > limits.cpu_seconds:
-                return True
-    finally:
-        if fd is not None:
+    if fd is not None:
+        try:
+            return _wait_readable(fd, limits, cgroup)
+        finally:
             os.close(fd)
+    deadline = time.monotonic() + limits.wall_seconds
+    while time.monotonic() < deadline:
+        try:
+            proc.wait(timeout=deadline - time.monotonic())
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    return True
+
+
+def _wait_readable(fd: int, limits: SandboxLimits, cgroup: RunCgroup | None) -> bool:
+    """Wait until `fd` is readable (a pidfd: the process exited; a launcher's socket: the run ended); True when the
+    wall time or, with a cgroup, the run's total CPU time (checked every 100 ms) ran out first."""
+    deadline = time.monotonic() + limits.wall_seconds
+    check_cpu = cgroup is not None and cgroup.cpu_seconds() is not None
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return True
+        if poller.poll((min(remaining, 0.1) if check_cpu else remaining) * 1000):
+            return False
+        if check_cpu and (cgroup.cpu_seconds() or 0.0) > limits.cpu_seconds:  # type: ignore[union-attr]
+            return True
+
+
+class _Launcher:
+    """The warm launcher of isolated runs (`_sandbox_init.serve`), one per trainer process, started on first use.
+
+    It forks a fresh launcher per run, which joins the run's cgroups and unshares fresh namespaces itself, so a run
+    costs a fork instead of an interpreter start and its imports. Requests go over a SOCK_SEQPACKET socket (one
+    message each, the run's descriptors attached); each run answers on a socket of its own.
+    """
+
+    _lock = threading.Lock()
+    _current: _Launcher | None = None
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, str(theirs.fileno())], cwd="/",
+                                         env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),),
+                                         start_new_session=True)
+        self.control = ours
+        self.owner = os.getpid()
+
+    @classmethod
+    def start_run(cls, spec: dict, fds: list[int]) -> socket.socket:
+        """Hand one run to the launcher (restarted once if it died, or if this process is a fork of its owner)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            for attempt in (0, 1):
+                with cls._lock:
+                    if cls._current is None or cls._current.owner != os.getpid() or attempt:
+                        if cls._current is not None and cls._current.owner == os.getpid():
+                            cls._current.control.close()  # a server that is still there exits on EOF
+                        cls._current = _Launcher()
+                    control = cls._current.control
+                    try:
+                        socket.send_fds(control, [marshal.dumps(spec)], fds + [theirs.fileno()])
+                        return ours
+                    except OSError:
+                        if attempt:
+                            ours.close()
+                            raise
+        raise AssertionError("unreachable")
 
 
 def _read_output(path: str, limit: int) -> str:
@@ -407,9 +459,16 @@ def _read_output(path: str, limit: int) -> str:
 
 
 def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, audit_hook: bool,
-                  files: dict | None = None) -> SandboxResult:
+                  files: dict | None = None, trace: dict[str, float] | None = None) -> SandboxResult:
+    """One isolated run; `trace`, when given, receives {phase: monotonic time it ended} (bench_sandbox --phases)."""
+    def mark(name: str) -> None:
+        if trace is not None:
+            trace[name] = time.monotonic()
+
+    mark("start")
     staging = tempfile.mkdtemp(prefix="mr1-sandbox-")  # 0700, root's: the program never sees it
     cgroup = None
+    trace_r, trace_w = os.pipe() if trace is not None else (-1, -1)
     try:
         work = os.path.join(staging, "work")
         os.mkdir(work)
@@ -418,6 +477,7 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
         Path(staging, "stdin.txt").write_text(stdin, encoding="utf-8")
         as_root = plan.mechanism == "namespaces"
         uid = _new_run_uid() if as_root else 0
+        mark("staged")
         if plan.cgroups is not None:
             cgroup = RunCgroup(plan.cgroups, os.path.basename(staging), (limits.memory_mb + _LAUNCHER_MB) << 20,
                                limits.max_processes + 1, limits.cpu_cores)
@@ -429,50 +489,81 @@ def _run_isolated(plan: _Plan, source: str, stdin: str, limits: SandboxLimits, a
             rlimits["RLIMIT_NPROC"] = (limits.max_processes, limits.max_processes)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "HOME": WORKDIR,
                "TMPDIR": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-        argv = [plan.python, "-I", "-B"] + (["/.sandbox/boot.py", "program.py"] if audit_hook else ["program.py"])
+        # -S: `site` (the venv's .pth imports) is most of a venv interpreter's start-up; boot.py sets the prefix and
+        # sys.path that `site` would and defines exit()/quit().
+        argv = [plan.python, "-I", "-S", "-B", "/.sandbox/boot.py"] + ([] if audit_hook else ["--no-audit-hook"])
+        argv += list(plan.site_args) + ["program.py"]
         status_r, status_w = os.pipe()
         spec = {"root": os.path.join(staging, "root"), "work_src": work, "workdir": WORKDIR, "boot": _BOOT,
                 "binds": plan.view.binds, "symlinks": plan.view.symlinks, "uid": uid, "gid": uid,
                 "drop_uid": as_root, "user_namespace": plan.mechanism == "user-namespaces",
-                "proc_optional": not as_root, "scratch_mb": limits.scratch_mb, "status_fd": status_w,
+                "proc_optional": not as_root, "scratch_mb": limits.scratch_mb,
                 "cgroup_procs": cgroup.procs_files if cgroup else [], "rlimits": rlimits, "argv": argv, "env": env}
+        mark("cgroup-created")
         start = time.monotonic()
+        conn = None
         try:
             with open(os.path.join(staging, "stdin.txt"), "rb") as fin, \
                     open(os.path.join(staging, "stdout.txt"), "wb") as fout, \
                     open(os.path.join(staging, "stderr.txt"), "wb") as ferr:
-                proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT, json.dumps(spec)], stdin=fin,
-                                        stdout=fout, stderr=ferr, cwd=staging, env={"PATH": "/usr/bin:/bin"},
-                                        close_fds=True, pass_fds=(status_w,), start_new_session=True)
+                fds = [fin.fileno(), fout.fileno(), ferr.fileno(), status_w] + ([trace_w] if trace is not None else [])
+                conn = _Launcher.start_run(spec, fds)
+            mark("spawned")
             os.close(status_w)
             status_w = -1
-            timed_out = _wait(proc, limits, cgroup)
-            if cgroup is not None:
-                cgroup.kill()  # the launcher and, through the PID namespace, everything the program started
-            else:
-                os.kill(proc.pid, signal.SIGTERM) if proc.poll() is None else None  # forwarded as SIGKILL to PID 1
+            if trace is not None:
+                os.close(trace_w)
+                trace_w = -1
+            timed_out = _wait_readable(conn.fileno(), limits, cgroup)
+            mark("exited")
+            if timed_out:
+                if cgroup is not None:
+                    cgroup.kill()  # the launcher and, through the PID namespace, everything the program started
+                else:
+                    conn.send(b"k")  # the launcher kills PID 1, and with it the PID namespace
+            conn.settimeout(5.0)
             try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                answer = conn.recv(64)
+            except (TimeoutError, OSError):
+                answer = b""
+            # The launcher reports PID 1's exit as a returncode; killed (the cgroup kill, the OOM killer): SIGKILL.
+            returncode = int(answer) if answer else -signal.SIGKILL
+            if cgroup is not None:
+                cgroup.kill()  # nothing should be left (PID 1 is gone): the launcher itself, about to exit
+            mark("cgroup-emptied")
             elapsed = time.monotonic() - start
             with os.fdopen(status_r, "rb") as status:
                 status_r = -1
                 setup_error = status.read(4096).decode("utf-8", errors="replace")
+            mark("reaped")
+            if trace is not None:
+                with os.fdopen(trace_r, "rb") as marks:
+                    trace_r = -1
+                    for line in marks.read().decode().splitlines():
+                        name, _, t = line.partition(" ")
+                        trace[name] = float(t)
         finally:
+            if conn is not None:
+                conn.close()
             for fd in (status_r, status_w):
                 if fd >= 0:
                     os.close(fd)
         if setup_error:
             raise SandboxSetupError(setup_error)
-        return SandboxResult(proc.returncode, _read_output(os.path.join(staging, "stdout.txt"), limits.output_bytes),
-                             _read_output(os.path.join(staging, "stderr.txt"), limits.output_bytes), timed_out,
-                             elapsed, oom_killed=cgroup.oom_killed() if cgroup else False, isolated=True)
+        result = SandboxResult(returncode, _read_output(os.path.join(staging, "stdout.txt"), limits.output_bytes),
+                               _read_output(os.path.join(staging, "stderr.txt"), limits.output_bytes), timed_out,
+                               elapsed, oom_killed=cgroup.oom_killed() if cgroup else False, isolated=True)
+        mark("collected")
+        return result
     finally:
         if cgroup is not None:
             cgroup.remove()
+            mark("cgroup-removed")
         shutil.rmtree(staging, ignore_errors=True)
+        for fd in (trace_r, trace_w):
+            if fd >= 0:
+                os.close(fd)
+        mark("cleaned")
 
 
 def _run_unisolated(source: str, stdin: str, limits: SandboxLimits, python: str | None, audit_hook: bool,

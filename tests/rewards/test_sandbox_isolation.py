@@ -419,3 +419,50 @@ def test_an_interpreter_installed_under_tmp_is_bound_into_the_runs_own_tmp(tmp_p
     r = run_python(program, "", LIMITS, python=str(venv / "bin" / "python"), audit_hook=False)
     assert r.isolated and r.returncode == 0, r
     assert r.stdout.split() == [str(venv), "False", "read-only"]
+
+
+@isolated
+def test_a_run_without_site_sees_what_site_would_give_it():
+    # Runs start the interpreter with -S (faster); boot.py must restore what `site` gives a program: the venv's
+    # sys.prefix, its site-packages on sys.path, exit()/quit(). Reference: the same interpreter run plainly.
+    import json
+    import subprocess
+    probe = "import json, sys\nprint(json.dumps([sys.prefix, sys.exec_prefix, sys.path[1:]]))\n"
+    ref = json.loads(subprocess.run([CAPS.python, "-I", "-c", probe], capture_output=True, text=True,
+                                    check=True).stdout)
+    for audit_hook in (True, False):
+        r = run_python(probe + "exit(3)\n", "", LIMITS, audit_hook=audit_hook)
+        assert r.isolated and r.returncode == 3, r
+        prefix, exec_prefix, path = json.loads(r.stdout)
+        assert [prefix, exec_prefix] == ref[:2]
+        assert [p for p in ref[2] if "-packages" in p] == [p for p in path if "-packages" in p] != []
+
+
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "cgroup")
+# Held for a while: the kernel reuses a dead namespace's inode number, so only live ones can be told apart.
+NS_PROGRAM = ("import os, time\nprint(' '.join(os.readlink('/proc/self/ns/' + n) for n in %r), flush=True)\n"
+              "time.sleep(3)\n" % (NAMESPACES,))
+
+
+@isolated
+def test_runs_forked_by_the_warm_launcher_get_fresh_namespaces_each():
+    # The launcher server is started once and forks a launcher per run: the namespaces must still be per run,
+    # none shared with another run, the trainer or the server itself.
+    with ThreadPoolExecutor(3) as ex:
+        runs = [r.stdout.split() for r in ex.map(lambda _: run_python(NS_PROGRAM, "", LIMITS), range(3))]
+    server = sandbox_module._Launcher._current.proc.pid
+    outside = {os.readlink(f"/proc/{pid}/ns/{n}") for pid in (os.getpid(), server) for n in NAMESPACES}
+    seen = [ns for r in runs for ns in r]
+    assert all(len(r) == len(NAMESPACES) for r in runs), runs
+    assert len(set(seen)) == len(seen) and not outside & set(seen)
+
+
+@isolated
+def test_a_dead_launcher_server_is_replaced():
+    assert run_python("print(1)", "", LIMITS).stdout == "1\n"
+    server = sandbox_module._Launcher._current.proc
+    server.kill()
+    server.wait()
+    r = run_python("print(2)", "", LIMITS)
+    assert (r.returncode, r.stdout, r.isolated) == (0, "2\n", True), r
+    assert sandbox_module._Launcher._current.proc.pid != server.pid
