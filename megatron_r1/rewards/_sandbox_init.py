@@ -217,10 +217,27 @@ def serve(control_fd: int) -> None:
             for fd in fds:
                 os.close(fd)
             continue
-        if os.fork() == 0:
+        go_r, go_w = os.pipe()
+        child = os.fork()
+        if child == 0:
             control.close()
+            os.close(go_w)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an ignored SIGCHLD would also survive the exec
+            if os.read(go_r, 1) != b"x":  # not in its cgroups: the server said why on the status pipe
+                os._exit(125)
+            os.close(go_r)
             run_forked(msg, fds)
+        os.close(go_r)
+        # Moved into the run's cgroups while it waits (moving a running task into a new cpu cgroup costs it
+        # milliseconds of scheduling), before it does anything else.
+        try:
+            for procs in marshal.loads(msg)["cgroup_procs"]:
+                with open(procs, "w") as f:
+                    f.write(str(child))
+            os.write(go_w, b"x")
+        except OSError as e:
+            os.write(fds[3], f"sandbox setup: join cgroup {procs}: {e}".encode(errors="replace")[:4000])
+        os.close(go_w)
         for fd in fds:
             os.close(fd)
 
@@ -247,13 +264,7 @@ def run_forked(msg: bytes, fds: list) -> None:
 def launch(spec: dict) -> None:
     status_fd = spec["status_fd"]
     mark(spec, "launcher-started")
-    try:
-        for procs in spec["cgroup_procs"]:  # first, so everything below (and every descendant) is accounted
-            with open(procs, "w") as f:
-                f.write(str(os.getpid()))
-    except OSError as e:
-        fail(status_fd, f"sandbox setup: join cgroup {procs}: {e}")
-    mark(spec, "cgroup-joined")
+    mark(spec, "cgroup-joined")  # by the server, before this process ran
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
     try:
         if spec["user_namespace"]:
