@@ -53,7 +53,9 @@ install_requires = [
 
 extras = {
     # GPU-only speedups; each has a tested fallback. NVIDIA apex is not on PyPI: detected when present.
-    "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-nccl-cu13"],
+    # Pinned for torch 2.14.1 (CUDA 13). TE's torch part and flash-attn are source distributions built against the
+    # installed torch: install with `--no-build-isolation` (docs/gpu.md). nccl: exactly torch 2.14.1's own pin.
+    "gpu": ["transformer-engine[pytorch,core-cu13]==2.20.2", "flash-attn==2.8.3.post2", "nvidia-nccl-cu13==2.30.7"],
     "dev": [
         "pytest==9.2.0",
         "pytest-timeout==2.4.0",
