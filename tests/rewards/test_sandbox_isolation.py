@@ -78,9 +78,14 @@ def grab(p):
         pass
     try:
         fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:  # closed each time: the run's RLIMIT_NOFILE is small and /proc lists every host process
         found.append(os.read(fd, 100).decode())
     except OSError:
         pass
+    finally:
+        os.close(fd)
 for p in paths:
     grab(p)
     d = os.path.dirname(p)
