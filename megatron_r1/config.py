@@ -214,12 +214,15 @@ class GenerationConfig:
     stop: list = field(default_factory=list)
     cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (one per batch/length bucket); eager on CPU
     # KV cache (inference/paged_cache.py): auto (paged, except contiguous rows where the fused CPU decode step
-    # applies: a dense fp32 model on the CPU) | paged | contiguous ([max_seq] reserved per request)
+    # applies: a dense fp32 model on the CPU) | paged | contiguous (rows that grow with the running requests, in
+    # power-of-two position buckets, up to max_batch_size x context; freed when the engine is idle)
     kv_cache: str = "auto"
     kv_block_size: int = 16  # tokens per paged-cache block
     kv_cache_blocks: Optional[int] = None  # paged pool size in blocks; null: from kv_cache_memory_gb
-    # paged pool size in GiB per rank (also what `megatron-r1 plan` counts); both null: the contiguous cache's
-    # memory, max_batch_size x context tokens. A full pool preempts the newest requests (recompute), never OOMs
+    # GiB per rank the KV cache may use (also what `megatron-r1 plan` counts). Paged: the pool's size (null, with
+    # kv_cache_blocks null: max_batch_size x context tokens, preallocated). Contiguous: the most it may grow to
+    # (null: what the running requests need). Either way a full cache preempts the newest requests (recompute)
+    # instead of running out of memory
     kv_cache_memory_gb: Optional[float] = None
 
 
