@@ -2,6 +2,7 @@
 wandb installed the run warns and keeps its other sinks."""
 import logging
 import sys
+import time
 import types
 
 import pytest
@@ -69,6 +70,12 @@ def test_a_real_offline_run_writes_its_history_locally(tmp_path, monkeypatch):
     lg.close()
     (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     (log_file,) = run_dir.glob("*.wandb")
-    raw = log_file.read_bytes()  # protobuf records: keys and JSON values are stored as plain strings
+    # protobuf records: keys and JSON values are stored as plain strings. wandb's service process may still be
+    # flushing after finish() returns, so wait for the history record (bounded) instead of reading once.
+    deadline = time.monotonic() + 60
+    raw = log_file.read_bytes()
+    while b"reward_probe_key" not in raw and time.monotonic() < deadline:
+        time.sleep(0.5)
+        raw = log_file.read_bytes()
     assert b"reward_probe_key" in raw and b"0.125" in raw
     assert b"kl_clamp" in raw and b"7.5" in raw
