@@ -126,6 +126,7 @@ class PagedKVCache:
         self._offsets = torch.arange(block_size, device=device)
         self._heads = torch.arange(spec.kv_heads, device=device)
         self._prefill_slots: Optional[torch.Tensor] = None
+        self._buf: Optional[torch.Tensor] = None  # read()'s gather target on the CPU, grown to the largest step
 
     # ------------------------------------------------------------------------------------------ accounting
     def _tensors(self) -> list[torch.Tensor]:
@@ -264,17 +265,41 @@ class PagedKVCache:
             self.kv[i].view(-1, kv.shape[-1]).index_copy_(0, slots, kv.reshape(-1, kv.shape[-1]))
 
     def decode_index(self, B: int, pos: torch.Tensor, L: int):
-        """(slots of the new entries at positions pos [B] of rows 0..B-1, block table [B, ceil(L / bs)] to read).
-        Device ops only, no host sync: runs inside CUDA-graph capture."""
+        """(slots of the new entries at positions pos [B] of rows 0..B-1, what `read` gathers: the flat indices of
+        the blocks holding positions 0..L-1 of each row, computed once per step for every layer). Device ops only,
+        no host sync: runs inside CUDA-graph capture."""
         table = self.block_table[:B]
         blk = table.gather(1, (pos // self.block_size).unsqueeze(1))  # [B, 1]: one position per row
         slots = self._slots(blk, (pos % self.block_size).unsqueeze(1))
-        return slots, table[:, :math.ceil(L / self.block_size)]
-
-    def read(self, i: int, B: int, L: int, table: torch.Tensor) -> torch.Tensor:
-        """Rows 0..B-1's first L entries, gathered from their blocks: MLA [B, L, w]; dense [B, kv_heads, L, 2*hd]."""
-        t = self._tensors()[i][table]  # MLA [B, nb, bs, w]; dense [B, nb, kvh, bs, 2hd]
-        nb = table.shape[1]
+        table = table[:, :math.ceil(L / self.block_size)]
         if self.spec.mla:
-            return t.view(B, nb * self.block_size, -1)[:, :L]
-        return t.transpose(1, 2).reshape(B, self.spec.kv_heads, nb * self.block_size, -1)[:, :, :L]
+            return slots, table.reshape(-1)
+        # dense: one index per (row, head, block) into the pool viewed as [blocks * kv_heads, block * entry], so
+        # the gather lands in [B, kv_heads, positions, entry] order directly
+        kvh = self.spec.kv_heads
+        return slots, (table.unsqueeze(1) * kvh + self._heads[:, None]).reshape(-1)
+
+    def read(self, i: int, B: int, L: int, index: torch.Tensor) -> torch.Tensor:
+        """Rows 0..B-1's first L entries, gathered from their blocks (`decode_index`'s index): MLA [B, L, w]; dense
+        [B, kv_heads, L, 2*hd]. Why one `index_select` of whole blocks into a buffer kept across layers and steps:
+        the gather is B x L entries every layer (every row is read up to the step's longest length), the largest
+        cost of a paged CPU step; a fresh tensor each time page-faults it in again (profile: the gather plus a
+        reshape copy were 54% of a step at 28 rows of ~1-4k positions, the attention matmuls 24%)."""
+        t = self._tensors()[i]
+        bs = self.block_size
+        pool = t.view(t.shape[0] * (1 if self.spec.mla else self.spec.kv_heads), -1)  # one row per (block, head)
+        out = self._gather_buffer(index.shape[0] * pool.shape[1], t)
+        torch.index_select(pool, 0, index, out=out.view(index.shape[0], pool.shape[1]))
+        if self.spec.mla:
+            return out.view(B, -1, t.shape[-1])[:, :L]
+        nb = index.shape[0] // (B * self.spec.kv_heads)
+        return out.view(B, self.spec.kv_heads, nb * bs, t.shape[-1])[:, :, :L]
+
+    def _gather_buffer(self, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """`numel` elements of scratch for `read` (a layer's gather is consumed before the next layer reads). CPU
+        only: on CUDA the caching allocator already reuses memory, and a CUDA graph must own its tensors."""
+        if like.device.type != "cpu":
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
+        if self._buf is None or self._buf.numel() < numel:
+            self._buf = torch.empty(numel, dtype=like.dtype)
+        return self._buf[:numel]
