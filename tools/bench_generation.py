@@ -17,7 +17,13 @@ ideal batch-1 rate is bandwidth / (weight bytes + the KV cache read).
                                      [--threads 1 --clock cpu]   # on a shared CPU machine
     python tools/bench_generation.py --model smollm2-135m [--batches 1 8 32] [--prompt-len 32]
 
-Figures and what bounds them: docs/benchmarks.md, "Generation (CPU)".
+`--workload r1`: R1-style rollouts at a fixed KV-cache budget, the paged cache against contiguous rows (`run_r1`
+says how; `--quick` for a smoke-test scale):
+
+    python tools/bench_generation.py --workload r1 [--preset llama_tiny] [--prompts 64 --group 8 --prompt-len 256]
+                                     [--median 256 --max-len 4096] [--budget-gb G] [--threads 1]
+
+Figures and what bounds them: docs/benchmarks.md, "Generation (CPU)" and "Generation at R1's lengths".
 """
 from __future__ import annotations
 
@@ -40,15 +46,22 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32; --workload r1: 256)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per setting (best is kept)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--precision", default="auto", help="auto | fp32 | bf16")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (robust on a shared, oversubscribed machine; use --threads 1)")
+    ap.add_argument("--workload", choices=["batch", "r1"], default="batch",
+                    help="batch: engine vs HF generate at --batches; r1: paged vs contiguous KV cache at R1's lengths")
+    _r1_arguments(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.workload == "r1":
+        return run_r1(args)
+    if args.prompt_len is None:
+        args.prompt_len = 32
 
     from megatron_r1.config import ParallelConfig
     from megatron_r1.inference import Engine
@@ -141,6 +154,159 @@ def _real_model(args):
         rows = _compare(engine, hf, hf.config.vocab_size, torch.device("cpu"), args)
         _cpu_roofline(hf, engine, rows, args)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------- --workload r1
+def _r1_arguments(ap):
+    g = ap.add_argument_group("--workload r1 (defaults: issue #15's shape)")
+    g.add_argument("--prompts", type=int, default=64)
+    g.add_argument("--group", type=int, default=8, help="answers per prompt (GRPO's G)")
+    g.add_argument("--median", type=int, default=256, help="median answer length (lognormal)")
+    g.add_argument("--sigma", type=float, default=1.0, help="lognormal sigma of the answer lengths")
+    g.add_argument("--max-len", type=int, default=4096, help="answer lengths are clipped to [1, max-len]")
+    g.add_argument("--budget-gb", type=float, default=None,
+                   help="KV-cache budget in GiB for both sides (default: what --budget-rows contiguous rows take)")
+    g.add_argument("--budget-rows", type=int, default=16,
+                   help="without --budget-gb: the budget is this many contiguous rows of the full context")
+    g.add_argument("--block-size", type=int, default=16, help="paged cache: tokens per block")
+    g.add_argument("--sides", nargs="+", choices=["contiguous", "paged"], default=["contiguous", "paged"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quick", action="store_true",
+                   help="smoke-test scale: 4 prompts x 4, prompt 32, median 32, max 256, 2 rows' budget")
+    g.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def r1_requests(n_prompts: int, group: int, prompt_len: int, median: int, sigma: float, max_len: int,
+                vocab: int, seed: int):
+    """The workload, identical for both sides: (prompt ids, SamplingParams) per answer, a prompt's G answers
+    adjacent (the order GRPO submits them). Answer lengths are drawn from a lognormal (median `median`, clipped to
+    [1, max_len]) and forced with max_tokens + ignore_eos, so both caches generate exactly the same tokens' count;
+    each answer samples at temperature 1 with its own seed."""
+    from megatron_r1.inference import SamplingParams
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, vocab, (n_prompts, prompt_len), generator=gen).tolist()
+    z = torch.randn(n_prompts * group, generator=gen, dtype=torch.float64)
+    lengths = (median * torch.exp(sigma * z)).round().clamp(1, max_len).long().tolist()
+    reqs = []
+    for i, p in enumerate(prompts):
+        for j in range(group):
+            k = i * group + j
+            reqs.append((p, SamplingParams(temperature=1.0, max_tokens=lengths[k], ignore_eos=True, seed=seed + k)))
+    return reqs
+
+
+def contiguous_rows_engine(model, rows: int, max_seq: int):
+    """The engine with the pre-paged cache layout: `rows` rows of `max_seq` positions, preallocated
+    (`FunctionalGPT.new_cache` without grow), so at most `rows` requests run at once whatever their lengths."""
+    from megatron_r1.inference import Engine
+    from megatron_r1.inference.cuda_graphs import StaticDecoder
+
+    engine = Engine(model, max_batch_size=rows, max_seq_len=max_seq, kv_cache="contiguous")
+    engine.cache = engine.fn.new_cache(rows)
+    if engine.static_decoder is not None:  # CUDA: the graphs must read the new cache
+        engine.static_decoder = StaticDecoder(engine.fn, engine.cache, capture=engine.static_decoder.capture)
+    engine.stats["kv_cache_bytes_peak"] = engine.cache.nbytes()
+    return engine
+
+
+def run_side(engine, reqs, clock_name: str) -> dict:
+    """Submit every request, then step the engine ourselves until it is idle, sampling `num_running` after each
+    step (the concurrency reached). Returns the side's figures."""
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    handles = [engine.add_request(p, sp) for p, sp in reqs]
+    running_peak = steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+        running_peak = max(running_peak, engine.num_running)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
+    tokens = [len(h.result.token_ids) for h in handles]
+    st = engine.stats
+    out = {"requests": len(handles), "completed": sum(h.result.finish_reason == "length" for h in handles),
+           "tokens": sum(tokens), "tokens_each": tokens, "running_peak": running_peak, "steps": steps,
+           "preemptions": st["preemptions"], "prompt_tokens": st["prompt_tokens"],
+           "prefill_tokens_shared": st["prefill_tokens_shared"], "cache_bytes": st["kv_cache_bytes_peak"],
+           "wall_s": wall, "cpu_s": cpu}
+    token_bytes = engine.cache.bytes_per_token()
+    if engine.paged:  # bytes of the blocks in use at the peak (the pool itself is allocated whole)
+        out["used_bytes_peak"] = st["kv_blocks_peak"] * engine.cache.block_size * token_bytes
+    else:  # every running request holds its whole row
+        out["used_bytes_peak"] = running_peak * engine.max_seq_len * token_bytes
+    out["tok_s"] = out["tokens"] / (cpu if clock_name == "cpu" else wall)
+    return out
+
+
+def _r1_shape(args):
+    if args.quick:
+        args.prompts, args.group, args.median, args.max_len, args.budget_rows = 4, 4, 32, 256, 2
+        args.prompt_len = args.prompt_len or 32
+    args.prompt_len = args.prompt_len or 256
+
+
+def run_r1(args) -> dict:
+    """Paged vs contiguous rows on the same model, requests, seeds and cache budget in bytes (issue #15):
+    concurrency reached, peak cache bytes, preemptions, tokens/s, and the ratios paged / contiguous."""
+    import json
+
+    from megatron_r1.config import ParallelConfig
+    from megatron_r1.inference import Engine
+    from megatron_r1.models import build_model, get_preset
+    from megatron_r1.parallel import init_parallel
+
+    _r1_shape(args)
+    max_seq = args.prompt_len + args.max_len
+    m_cfg = dataclasses.replace(get_preset(args.preset), max_position_embeddings=max_seq)
+    if args.layers:
+        m_cfg = dataclasses.replace(m_cfg, num_layers=args.layers)
+    init_parallel(ParallelConfig())
+    torch.manual_seed(args.seed)
+    model = build_model(m_cfg, ParallelConfig(), args.precision).eval()
+    reqs = r1_requests(args.prompts, args.group, args.prompt_len, args.median, args.sigma, args.max_len,
+                       m_cfg.vocab_size, args.seed)
+    probe = Engine(model, max_batch_size=1, max_seq_len=max_seq, kv_cache="contiguous")
+    token_bytes = probe.cache.bytes_per_token()
+    row_bytes = max_seq * token_bytes
+    budget = int(args.budget_gb * 2 ** 30) if args.budget_gb else args.budget_rows * row_bytes
+    rows = budget // row_bytes
+    lengths = [sp.max_tokens for _, sp in reqs]
+    print(f"model: {args.preset} layers {m_cfg.num_layers} dtype {next(model.parameters()).dtype} threads "
+          f"{torch.get_num_threads()}; KV {token_bytes} B/token, a full-context row ({max_seq} positions) "
+          f"{row_bytes / 2 ** 20:.2f} MiB")
+    print(f"workload: {args.prompts} prompts x {args.group} answers, prompt {args.prompt_len} tokens, answers "
+          f"lognormal(median {args.median}, sigma {args.sigma}) clipped to [1, {args.max_len}]: mean "
+          f"{sum(lengths) / len(lengths):.0f}, max {max(lengths)}, total {sum(lengths)} tokens; budget "
+          f"{budget / 2 ** 20:.2f} MiB = {rows} contiguous rows")
+    print("load average (1/5/15 min) at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    res = {"budget_bytes": budget, "shape": {k: getattr(args, k) for k in (
+        "preset", "prompts", "group", "prompt_len", "median", "sigma", "max_len", "block_size", "seed")}}
+    for side in args.sides:
+        if side == "contiguous":
+            engine = contiguous_rows_engine(model, rows, max_seq)
+        else:
+            engine = Engine(model, max_batch_size=len(reqs), max_seq_len=max_seq, kv_cache="paged",
+                            kv_block_size=args.block_size, kv_cache_memory_gb=budget / 2 ** 30)
+        res[side] = r = run_side(engine, reqs, args.clock)
+        del engine
+        mib = 2 ** 20
+        print(f"{side:10s}: cache {r['cache_bytes'] / mib:7.2f} MiB (peak in use {r['used_bytes_peak'] / mib:7.2f} "
+              f"MiB), running at most {r['running_peak']:4d}, preemptions {r['preemptions']:4d}, "
+              f"{r['completed']}/{r['requests']} done, {r['tokens']} tokens in {r['steps']} steps, "
+              f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s: {r['tok_s']:8.1f} tok/s ({args.clock})",
+              flush=True)
+    if "contiguous" in res and "paged" in res:
+        c, p = res["contiguous"], res["paged"]
+        res["concurrency_ratio"] = p["running_peak"] / c["running_peak"]
+        res["tok_s_ratio"] = p["tok_s"] / c["tok_s"]
+        print(f"paged / contiguous: concurrency {res['concurrency_ratio']:.2f}x (target >= 4x), tokens/s "
+              f"{res['tok_s_ratio']:.2f}x (target >= 1x)")
+    print("load average (1/5/15 min) at end: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
 
 
 def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
