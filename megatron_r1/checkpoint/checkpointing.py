@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_r1.checkpoint import layout, rng
 from megatron_r1.errors import CheckpointError
+from megatron_r1.models.unwrap import unwrap
 from megatron_r1.parallel import cpu_compat
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,8 @@ def _require_dist() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- state dicts
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _chunks(model) -> list:
-    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
 def _model_keys(chunks: list) -> list[str]:

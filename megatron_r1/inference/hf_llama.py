@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from megatron_r1.models.unwrap import unwrap
+
 
 def to_hf(model):
     """An HF causal LM (eval mode, same dtype) holding copies of `model`'s weights."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from megatron_r1.inference.engine import unwrap_model
-
-    model = unwrap_model(model)
+    model = unwrap(model)
     cfg = model.config
     if getattr(cfg, "multi_latent_attention", False) or cfg.num_moe_experts:
         raise ValueError("to_hf maps dense Llama/Qwen2 models only")

@@ -35,6 +35,7 @@ import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from megatron_r1.errors import ConfigError
+from megatron_r1.models.unwrap import unwrap
 
 
 class RoutingMismatch:
@@ -105,8 +106,6 @@ class LayerReplay(RouterReplay):
 
 
 def _moe_routers(model) -> Iterator:
-    from megatron_r1.training.setup import unwrap
-
     for layer in unwrap(model).decoder.layers:
         router = getattr(getattr(layer, "mlp", None), "router", None)
         if router is not None:
@@ -158,8 +157,6 @@ def set_targets(model, routing: torch.Tensor, layers: tuple) -> None:
     if not reps:
         return
     from megatron.core import parallel_state as ps
-
-    from megatron_r1.training.setup import unwrap
 
     b, s, _, k = routing.shape
     tp = ps.get_tensor_model_parallel_world_size() if ps.is_initialized() else 1

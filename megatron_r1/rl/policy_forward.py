@@ -13,8 +13,8 @@ import torch
 from megatron_r1.models.heads import hidden_states_output, output_weight
 from megatron_r1.models.positions import rotary_positions
 from megatron_r1.models.prefix_attention import PrefixLayout, prefix_attention
+from megatron_r1.models.unwrap import unwrap
 from megatron_r1.rl.batch import PolicyBatch
-from megatron_r1.training.setup import unwrap
 
 
 def _tp_group():

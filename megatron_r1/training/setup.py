@@ -15,6 +15,7 @@ import torch
 from megatron_r1.config import Config
 from megatron_r1.errors import ConfigError
 from megatron_r1.models.builder import build_model, resolve_dtype
+from megatron_r1.models.unwrap import unwrap
 from megatron_r1.parallel.runtime import ParallelContext
 
 
@@ -35,12 +36,6 @@ class TrainState:
     def unwrapped(self) -> list:
         """The bare GPTModel chunks (DDP's `.module`), for generation and inspection."""
         return [unwrap(m) for m in self.model]
-
-
-def unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def build_ddp_model(cfg: Config, trainable: bool = True):

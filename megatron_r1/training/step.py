@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_r1.models.unwrap import unwrap
 from megatron_r1.training.setup import TrainState
 
 
@@ -103,8 +104,6 @@ def train_step(state: TrainState, forward_step_func: Callable, data_iterator: It
 
 def _update_expert_bias_metrics(state: TrainState, metrics: dict) -> None:
     """MoE load and the aux-loss-free balancing bias per layer (what users watch for routing collapse)."""
-    from megatron_r1.training.setup import unwrap
-
     for chunk in state.model:
         model = unwrap(chunk)
         decoder = getattr(model, "decoder", None)

@@ -16,15 +16,10 @@ from megatron_r1.config import ModelConfig
 from megatron_r1.checkpoint.convert.hf_io import HFCheckpoint
 from megatron_r1.checkpoint.convert.mapping import VOCAB_PARAMS, HFOptions, Rule, build_rules
 from megatron_r1.errors import CheckpointError
+from megatron_r1.models.unwrap import unwrap
 
 # Buffers that are state (converted); the others (rotary caches, token counters) are recomputed.
 STATE_BUFFERS = ("expert_bias",)
-
-
-def unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _global_name(model, local: str) -> str:
