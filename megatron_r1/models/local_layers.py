@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_r1.models.prefix_attention import block_attention, calls, dense_mask
+from megatron_r1.models.prefix_attention import PrefixAttentionTarget, block_attention, calls, dense_mask
 
 
-class SDPACoreAttention(MegatronModule):
+class SDPACoreAttention(PrefixAttentionTarget, MegatronModule):
     """Causal attention over Megatron's [s, b, heads, dim] layout with torch's `scaled_dot_product_attention`.
 
     Accepts K/V head sizes that differ (MLA) and grouped KV heads (GQA). `attention_mask`, when given, follows
@@ -20,8 +20,6 @@ class SDPACoreAttention(MegatronModule):
     pass their O(S) segment mask, which runs per block while its `PrefixLayout` is active and is expanded to the
     dense mask otherwise (`megatron_r1.models.prefix_attention`).
     """
-
-    prefix_layout = None  # set by `prefix_attention(model, layout)` for the duration of a forward
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, k_channels=None, v_channels=None, cp_comm_type=None, pg_collection=None,

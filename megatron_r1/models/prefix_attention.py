@@ -152,10 +152,15 @@ def block_attention(query, key, value, layout: PrefixLayout, scale: Optional[flo
     return torch.cat(parts).index_select(0, layout.out_index).view(s, b, nq * dv)
 
 
-def _attention_modules(model) -> list:
-    from megatron_r1.models.local_layers import SDPACoreAttention
+class PrefixAttentionTarget:
+    """Mixin of the core-attention modules that compute per block while a `PrefixLayout` is active (the local
+    `SDPACoreAttention`); defined here so this module needs none of them."""
 
-    return [m for m in model.modules() if isinstance(m, SDPACoreAttention)]
+    prefix_layout: Optional[PrefixLayout] = None  # set by `prefix_attention(model, layout)` for one forward
+
+
+def _attention_modules(model) -> list:
+    return [m for m in model.modules() if isinstance(m, PrefixAttentionTarget)]
 
 
 @contextlib.contextmanager
