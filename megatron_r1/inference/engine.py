@@ -29,6 +29,11 @@ Every rank of a TP group (and, with EP > 1, every rank of the model) must submit
 order: the schedule is deterministic, and the sampled tokens are broadcast from the group's first rank so all ranks
 agree even if their floating-point results differed.
 
+Pipeline parallelism (PP > 1): every stage runs the same schedule on its own layers' cache (so the stages agree on
+the cache's size: a paged pool of the same block count on every rank), the hidden states go stage to stage
+(functional.py), the last stage samples, and its tokens and log-probs are broadcast over the pipeline group. The
+eager step runs (no CUDA graphs: a captured step cannot hold the stages' point-to-point transfers).
+
 Refit (`refit()`): when the engine runs on the trainer's own modules the parameters are shared, so an optimizer
 step is already visible; `refit()` only bumps `weight_version` and invalidates the caches. With another source
 (a model of the same layout, or a full unsharded state dict from `weights.full_state_dict`) the tensors are copied
@@ -155,13 +160,19 @@ class Engine:
         self.fn = FunctionalGPT(self.model, max_seq=max_seq_len, mla_absorb=mla_absorb)
         self.record_routing = bool(record_routing)
         self.routing_layers = self.fn.routing_layers  # decoder layers whose routing a result's `routing` holds
-        if self.record_routing and not self.routing_layers:
+        # (a pipeline stage may hold only dense layers: it records an empty layer axis)
+        if self.record_routing and not (self.routing_layers or (self.fn.pp_size > 1 and self.fn.cfg.num_moe_experts)):
             raise UserError("Engine(record_routing=True): the model has no MoE layers, so there is no routing to "
                             "record")
         self.fn.record_routing = self.record_routing
         # the fused CPU decode step, if it applies, is built (first time on a machine, ~20 s) or loaded now rather
         # than inside the first request
         self.fn.fused_decode_step()
+        self.pp_size = self.fn.pp_size
+        if self.pp_size > 1 and kv_cache == "contiguous" and kv_cache_memory_gb is not None:
+            raise ConfigError("generation.kv_cache: with pipeline parallelism a memory budget needs the paged cache "
+                              "(every stage must schedule alike; a contiguous cache's bytes differ per stage), set "
+                              "generation.kv_cache=paged")
         self.max_seq_len = self.fn.max_seq
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
@@ -169,9 +180,9 @@ class Engine:
         self._kv_budget: Optional[int] = None  # contiguous: the cache's bytes never exceed this (kv_cache_memory_gb)
         self.cache = self._new_cache(kv_cache, kv_block_size, kv_cache_blocks, kv_cache_memory_gb)
         self.paged = self.cache.paged
-        self.device = self.model.embedding.word_embeddings.weight.device
-        graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        static = graphs if static_decode is None else bool(static_decode)
+        self.device = self.fn.device
+        graphs = bool(cuda_graphs) and self.device.type == "cuda" and self.pp_size == 1
+        static = graphs if static_decode is None else bool(static_decode) and self.pp_size == 1
         self.static_decoder = StaticDecoder(self.fn, self.cache, capture=graphs and static) if static else None
         self.weight_version = 0
         self._default_gen = torch.Generator().manual_seed(seed)
@@ -192,14 +203,17 @@ class Engine:
         if vocab_size is not None and vocab_size > self.fn.vocab_size:
             raise UserError(f"vocab_size {vocab_size} exceeds the model's {self.fn.vocab_size} embedding rows")
         self.vocab_size = vocab_size if vocab_size is not None and vocab_size < self.fn.vocab_size else None
-        # Groups whose ranks must sample the same tokens (see module docstring).
-        self._sync_group, self._sync_src = None, 0
+        # Broadcasts that make every rank hold the same sampled tokens (see module docstring), in order: (group,
+        # source rank, run on the last pipeline stage only)
+        self._syncs: list[tuple] = []
         if ps.is_initialized() and dist.is_initialized():
-            if self.fn.expert_group is not None and dist.get_world_size(self.fn.expert_group) > 1:
-                self._sync_group, self._sync_src = dist.group.WORLD, 0
-            elif self.fn.tp_size > 1:
-                self._sync_group = self.fn.tp_group
-                self._sync_src = ps.get_tensor_model_parallel_src_rank()
+            ep = self.fn.expert_group is not None and dist.get_world_size(self.fn.expert_group) > 1
+            if self.fn.tp_size > 1 and (self.pp_size > 1 or not ep):
+                self._syncs.append((self.fn.tp_group, ps.get_tensor_model_parallel_src_rank(), True))
+            if self.pp_size > 1:  # the last stage's tokens to the other stages of its pipeline
+                self._syncs.append((self.fn.pp_group, ps.get_pipeline_model_parallel_last_rank(), False))
+            if ep:  # then every rank of the model agrees with rank 0
+                self._syncs.append((dist.group.WORLD, 0, False))
         # prompt_tokens: tokens admitted to prefill; prefill_tokens_shared: those of them not computed because an
         # identical sequence was prefilled in the same step (its cache rows copied instead: GRPO's G samples)
         self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0,
@@ -229,6 +243,11 @@ class Engine:
         if num_blocks is None and memory_gb is not None:
             token_bytes = bytes_per_token(self.fn.cache_spec, self.fn.num_layers, self.fn.dtype)
             num_blocks = blocks_for_memory(memory_gb, block_size, token_bytes)
+        if self.pp_size > 1 and num_blocks is not None:
+            # every stage schedules alike only with the same pool: the stage with the most layers sets it
+            agreed = torch.tensor([num_blocks], dtype=torch.long, device=self.fn.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            num_blocks = int(agreed)
         cache = self.fn.new_paged_cache(self.max_batch_size, block_size, num_blocks)
         log.info("paged KV cache: %d blocks of %d tokens (%.3f GiB)", cache.num_blocks - 1, block_size,
                  cache.nbytes() / 2 ** 30)
@@ -364,7 +383,8 @@ class Engine:
             from_u = torch.tensor([u_row[id(batch[s])] for _, s in copies], device=self.device)
             dst = torch.arange(row0 + len(uniq), row0 + len(batch), device=self.device)
             self.cache.copy_rows(from_u + row0, dst, T)
-            logits = torch.cat([logits, logits[from_u]])
+            if logits is not None:  # None on a pipeline stage other than the last
+                logits = torch.cat([logits, logits[from_u]])
             lengths = torch.cat([lengths, lengths[from_u.cpu()]])
             self.stats["prefill_tokens_shared"] += sum(r.length for r, _ in copies)
         batch = self._rows[row0:]
@@ -449,6 +469,7 @@ class Engine:
             self._fit_budget()
         n = len(self._rows)
         longest = max(r.length for r in self._rows)  # this step writes position length - 1 of each row
+        logits: Optional[torch.Tensor]  # None on a pipeline stage other than the last
         if self.static_decoder is not None:  # positions attended: each row's length, known here without a sync
             logits = self.static_decoder(self._last[:n], self._pos[:n], longest)  # it grows the cache to its bucket
             self.stats["kv_cache_bytes_peak"] = max(self.stats["kv_cache_bytes_peak"], self.cache.nbytes())
@@ -464,13 +485,7 @@ class Engine:
         """Sample a token for rows r0..r1-1, append it to their requests, finish those that stop. `routing`
         [r1 - r0, layers, k]: the decode step's expert ids for the tokens these rows took as input."""
         reqs = self._rows[r0:r1]
-        if self.vocab_size is not None:
-            logits = logits[:, :self.vocab_size]  # padding rows of the embedding are not tokens
-        tokens, lp, raw = sample(logits, [r.params for r in reqs], [r.generator for r in reqs], self._default_gen)
-        if self._sync_group is not None:
-            packed = torch.stack([tokens.double(), lp.double(), raw.double()])
-            dist.broadcast(packed, src=self._sync_src, group=self._sync_group)
-            tokens, lp, raw = packed[0].long(), packed[1], packed[2]
+        tokens, lp, raw = self._sample(logits, reqs)
         self._last[r0:r1] = tokens
         # one device sync per step, not one per value; the loop below is the only per-request work of a step
         toks, lps = tokens.tolist(), lp.tolist()
@@ -492,6 +507,25 @@ class Engine:
         self.stats["generated_tokens"] += r1 - r0
         for row, reason in reversed(done_rows):  # highest row first keeps lower rows valid
             self._finish(self._rows[row], reason, finished, row)
+
+    def _sample(self, logits: Optional[torch.Tensor], reqs: list[Request]):
+        """Tokens, log-probs at the request's temperature and at 1 for `reqs`, the same on every rank: sampled
+        from `logits` on the last pipeline stage (the others get None), then broadcast (`_syncs`)."""
+        if logits is not None:
+            if self.vocab_size is not None:
+                logits = logits[:, :self.vocab_size]  # padding rows of the embedding are not tokens
+            tokens, lp, raw = sample(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                                     self._default_gen)
+            if not self._syncs:
+                return tokens, lp, raw
+            packed = torch.stack([tokens.double(), lp.double(), raw.double()])
+        else:
+            packed = torch.empty(3, len(reqs), dtype=torch.float64, device=self.device)
+        for group, src, last_stage_only in self._syncs:
+            if last_stage_only and not self.fn.last_stage:
+                continue
+            dist.broadcast(packed, src=src, group=group)
+        return packed[0].long(), packed[1], packed[2]
 
     def _stop_reason(self, req: Request, token: int) -> Optional[str]:
         """Why `req` stops after `token`, or None. Its text is decoded every token only when something reads it

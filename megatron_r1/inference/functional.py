@@ -14,7 +14,12 @@ Tensor parallelism: each rank runs on its shard of heads / FFN columns / vocab r
 all-reduced over the TP group, the vocab-parallel logits all-gathered, exactly where Megatron does it.
 Expert parallelism: tokens are replicated on every rank during generation, so each rank adds its local experts'
 weighted outputs and the routed output is all-reduced over the expert (tensor-and-model) group.
-Pipeline parallelism is not supported for generation (a clear error at construction).
+Pipeline parallelism: each stage runs its own layers. The first stage embeds the tokens, every stage but the last
+sends its output hidden states to the next stage (point to point on the pipeline group: NCCL on GPUs, gloo on the
+CPU) and every stage but the first receives its input from the previous one; only the last stage applies the
+final norm and the output layer, so `prefill`/`decode` return logits there and None elsewhere (the engine samples
+on the last stage and broadcasts the tokens). Shapes are known on every stage without a handshake: the engine's
+schedule is the same on every rank, so each stage knows the batch it is about to receive.
 
 Caches (one slot row per running request, rows 0..n-1 kept contiguous by the scheduler):
 - MLA: the normalised compressed latent c_kv and the roped shared key k_pe, [slots, seq, kv_lora_rank + rope]
@@ -75,6 +80,22 @@ def _all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=-1)
+
+
+def _pp_send(x: torch.Tensor, group) -> None:
+    """Hidden states to the next pipeline stage (Megatron's next-rank convention, no wrap-around)."""
+    from megatron.core import parallel_state as ps
+
+    dist.send(x.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank(), group=group)
+
+
+def _pp_recv(shape, dtype, device, group) -> torch.Tensor:
+    """Hidden states of `shape` from the previous pipeline stage."""
+    from megatron.core import parallel_state as ps
+
+    x = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(x, src=ps.get_pipeline_model_parallel_prev_rank(), group=group)
+    return x
 
 
 def _linear_gather(x, weight, full_out: int, group):
@@ -305,9 +326,14 @@ class FunctionalGPT:
         self.model = model
         cfg = model.config
         self.cfg = cfg
-        if ps.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-            raise ConfigError("inference: pipeline parallelism is not supported for generation; "
-                              "run the engine with pipeline_model_parallel_size=1 (TP and EP are supported)")
+        # this rank's pipeline stage: the first embeds, the last normalises and projects to the vocabulary
+        self.pp_size = ps.get_pipeline_model_parallel_world_size() if ps.is_initialized() else 1
+        self.pp_group = ps.get_pipeline_model_parallel_group() if self.pp_size > 1 else None
+        self.first_stage = bool(getattr(model, "pre_process", True))
+        self.last_stage = bool(getattr(model, "post_process", True))
+        if not len(model.decoder.layers):
+            raise ConfigError("inference: a pipeline stage without decoder layers is not supported for generation "
+                              "(parallel.num_layers_in_first/last_pipeline_stage: give every stage a layer)")
         # Every module and config field this forward reproduces is checked here (ConfigError naming it otherwise),
         # for the local spec's layout and Transformer Engine's alike. MTP heads (cfg.mtp_num_layers) only add a
         # training loss; generation uses the main head.
@@ -329,9 +355,11 @@ class FunctionalGPT:
         self.last_routing: Optional[torch.Tensor] = None
         self._routing: Optional[list] = None
         self.vocab_size = model.vocab_size  # padded; logits cover the padded vocab like the trainer's log-probs
-        self.num_layers = len(model.decoder.layers)
-        self.dtype = model.embedding.word_embeddings.weight.dtype
+        self.num_layers = len(model.decoder.layers)  # this stage's
+        self.hidden_size = cfg.hidden_size
         attn0 = model.decoder.layers[0].self_attention
+        # the compute dtype: the embedding's, or (a later pipeline stage has none) the first projection's
+        self.dtype = (model.embedding.word_embeddings.weight if self.first_stage else attn0.linear_proj.weight).dtype
         self.heads = attn0.num_attention_heads_per_partition
         if self.mla:
             self.dn, self.dr, self.dv = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
@@ -378,30 +406,34 @@ class FunctionalGPT:
         self.final_norm = _norm_fn(self.weights.final_norm, self.dtype)
         self._fused = None  # built lazily by fused_decode_step (needs the extension)
         self._fused_checked = False
-        self.embed_w = self.weights.embed_w
-        self.out_w = self.weights.out_w
-        device = self.embed_w.device
+        self.embed_w = self.weights.embed_w  # None on a pipeline stage other than the first
+        self.out_w = self.weights.out_w  # None on a pipeline stage other than the last
+        device = self.model.decoder.layers[0].self_attention.linear_proj.weight.device
+        self.device = device
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         if not self.mla:
             self._qk_cos, self._qk_sin = self._qk_cos.to(device), self._qk_sin.to(device)
 
     @property
     def routing_layers(self) -> list[int]:
-        """Indices of the MoE decoder layers: the layer axis of `last_routing`."""
-        return [i for i, lyr in enumerate(self.layers) if lyr.moe is not None]
+        """Global indices (layer_number - 1) of this stage's MoE decoder layers: the layer axis of `last_routing`."""
+        return [n for n, lyr in zip(self.weights.layer_numbers, self.layers) if lyr.moe is not None]
 
-    def _begin_routing(self) -> None:
+    def _begin_routing(self, lead: tuple) -> None:
+        """`lead`: the token shape ([B, T] prefill, [B] decode), for a stage without MoE layers' empty record."""
         self._routing = [] if self.record_routing else None
+        self._routing_lead = lead
 
     def _end_routing(self) -> None:
         if self._routing is not None:
-            self.last_routing = torch.stack(self._routing, dim=-2)
+            self.last_routing = (torch.stack(self._routing, dim=-2) if self._routing else torch.zeros(
+                *self._routing_lead, 0, self.cfg.moe_router_topk or 1, dtype=torch.int16, device=self.device))
         self._routing = None
 
     # ---------------------------------------------------------------------------------- pieces
     def new_cache(self, max_batch: int, device=None, grow: bool = False) -> KVCache:
         """A contiguous `KVCache`: preallocated, or (`grow`) sized on demand by `reserve`."""
-        device = device or self.embed_w.device
+        device = device or self.device
         return KVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device, grow=grow)
 
     def new_paged_cache(self, max_batch: int, block_size: int = 16, num_blocks: Optional[int] = None,
@@ -409,7 +441,7 @@ class FunctionalGPT:
         """A `paged_cache.PagedKVCache` of `num_blocks` blocks (None: the contiguous cache's memory)."""
         from megatron_r1.inference.paged_cache import PagedKVCache
 
-        device = device or self.embed_w.device
+        device = device or self.device
         return PagedKVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device,
                             block_size=block_size, num_blocks=num_blocks)
 
@@ -668,10 +700,11 @@ class FunctionalGPT:
     # ---------------------------------------------------------------------------------- entry points
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: Optional[KVCache] = None,
-                row0: int = 0, all_logits: bool = False) -> torch.Tensor:
+                row0: int = 0, all_logits: bool = False) -> Optional[torch.Tensor]:
         """Forward right-padded prompts tokens [B, T] with lengths [B]; fill cache rows row0..row0+B-1.
 
-        Returns the logits [B, V] at each row's last prompt token, or [B, T, V] with `all_logits`.
+        Returns the logits [B, V] at each row's last prompt token, or [B, T, V] with `all_logits`; None on a
+        pipeline stage other than the last (it sent its hidden states on).
         """
         B, T = tokens.shape
         if T > self.max_seq:
@@ -682,15 +715,16 @@ class FunctionalGPT:
         mask = mask.unsqueeze(1)  # [B, 1, T, T]
         # A padded query row with no visible key would give NaN; let it see key 0 (its output is discarded).
         mask[:, :, :, 0] = True
-        x = self._embed(tokens)
+        x = self._stage_input(tokens, (B, T, self.hidden_size))
         rope = self._tables(pos)
         if cache is not None:
             cache.set_lengths(row0, lengths)
             cache.begin_prefill(row0, B, T)
         n = len(self.layers)
         # only the last tokens' logits are needed (see the module docstring), unless every token's routing is
-        shortcut = not all_logits and not self.record_routing  # recorded: then the last layer routes them all
-        self._begin_routing()
+        # recorded: then the last layer routes them all. Earlier pipeline stages send every position on.
+        shortcut = not all_logits and not self.record_routing and self.last_stage
+        self._begin_routing((B, T))
         for i, lyr in enumerate(self.layers):
             h = lyr.in_norm(x)
             if i == n - 1 and shortcut:
@@ -701,9 +735,18 @@ class FunctionalGPT:
                 x = x + self._attention_full(i, lyr, h, rope, mask, cache, row0)
             x = self._ffn(lyr, x)
         self._end_routing()
+        if not self.last_stage:
+            _pp_send(x, self.pp_group)
+            return None
         if not all_logits and not shortcut:
             x = x[torch.arange(B, device=x.device), lengths - 1]
         return self._logits(self.final_norm(x))
+
+    def _stage_input(self, tokens: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """The first stage's embedded tokens, or a later pipeline stage's input from the previous stage."""
+        if self.first_stage:
+            return self._embed(tokens)
+        return _pp_recv(shape, self.dtype, tokens.device, self.pp_group)
 
     def fused_decode_reason(self) -> Optional[str]:
         """Why the fused CPU decode step (csrc/cpu_decode.cpp) does not apply to this model, or None if it does:
@@ -712,10 +755,12 @@ class FunctionalGPT:
         the TE layout both run it."""
         if self.mla:
             return "multi-latent attention"
+        if self.pp_size > 1:
+            return "pipeline parallelism"
         if self.tp_size > 1:
             return "tensor parallelism"
-        if self.dtype != torch.float32 or self.embed_w.device.type != "cpu":
-            return f"{self.dtype} on {self.embed_w.device.type}"
+        if self.dtype != torch.float32 or self.device.type != "cpu":
+            return f"{self.dtype} on {self.device.type}"
         if any(lyr.moe is not None for lyr in self.layers):
             return "mixture-of-experts layers"
         norms = self.weights.norms()
@@ -748,7 +793,7 @@ class FunctionalGPT:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-               max_len: Optional[int] = None) -> torch.Tensor:
+               max_len: Optional[int] = None) -> Optional[torch.Tensor]:
         """One step for cache rows 0..B-1: tokens [B] at positions pos [B] -> logits [B, V].
 
         `max_len`: attend over that many cache positions (>= max(pos) + 1; the bias masks each row's rest) and run
@@ -766,7 +811,7 @@ class FunctionalGPT:
         if max_len is None:  # eager: a paged cache's changed block-table rows go to the device (static: the caller)
             cache.sync()
         L = int(pos.max()) + 1 if max_len is None else int(max_len)
-        x = self._embed(tokens)  # [B, h]
+        x = self._stage_input(tokens, (B, self.hidden_size))  # [B, h]
         cache.bias[:B].scatter_(1, pos.unsqueeze(1), 0.0)  # the new token is visible from now on
         bias = cache.bias[:B, :L]
         # where each row's new K/V (or latent) goes, as flat row indices into the cache, and (paged) the block
@@ -776,9 +821,12 @@ class FunctionalGPT:
             rope = self._tables(pos)  # [B, 1, d]
         else:
             rope = (self._qk_cos[pos], self._qk_sin[pos])  # [B, 1, g + 1, hd]
-        self._begin_routing()
+        self._begin_routing((B,))
         for i, lyr in enumerate(self.layers):
             o = self._attention_decode(i, lyr, lyr.in_norm(x), rope, bias, slots, cache, L, table)
             x = self._ffn(lyr, self._residual_linear(x, o, lyr.proj_w), static=max_len is not None)
         self._end_routing()
+        if not self.last_stage:
+            _pp_send(x, self.pp_group)
+            return None
         return self._logits(self.final_norm(x))

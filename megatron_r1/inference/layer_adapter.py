@@ -106,10 +106,14 @@ class Layer:
 
 @dataclass
 class ModelWeights:
+    """One pipeline stage's weights: `embed_w` only on the first stage (`pre_process`), `final_norm` and `out_w`
+    only on the last (`post_process`); `layer_numbers` the global 0-based index of each of `layers`."""
+
     layers: list[Layer]
     final_norm: Optional[Norm]
-    embed_w: torch.Tensor
-    out_w: torch.Tensor
+    embed_w: Optional[torch.Tensor]
+    out_w: Optional[torch.Tensor]
+    layer_numbers: list[int]
 
     def norms(self) -> list[Optional[Norm]]:
         out = []
@@ -315,9 +319,16 @@ def read_model(model) -> ModelWeights:
         raise ConfigError(f"inference: GPTModel position_embedding_type {pos!r} is not implemented "
                           f"({'MLA applies its own rope' if mla else 'rope is'})")
     layers = [_layer(layer, f"decoder.layers.{i}", model.config) for i, layer in enumerate(model.decoder.layers)]
-    if getattr(model.decoder, "final_layernorm", None) is None:
-        raise ConfigError("inference: decoder.final_layernorm: a model without a final norm is not implemented")
-    final = _norm(model.decoder.final_layernorm, "decoder.final_layernorm", model.config)
-    out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-             else _weight(model.output_layer, "output_layer"))
-    return ModelWeights(layers, final, model.embedding.word_embeddings.weight, out_w)
+    numbers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
+    # a pipeline stage holds the embedding only if it is the first (pre_process), the final norm and the output
+    # layer only if it is the last (post_process)
+    first, last = getattr(model, "pre_process", True), getattr(model, "post_process", True)
+    final, out_w = None, None
+    if last:
+        if getattr(model.decoder, "final_layernorm", None) is None:
+            raise ConfigError("inference: decoder.final_layernorm: a model without a final norm is not implemented")
+        final = _norm(model.decoder.final_layernorm, "decoder.final_layernorm", model.config)
+        out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                 else _weight(model.output_layer, "output_layer"))
+    embed_w = model.embedding.word_embeddings.weight if first else None
+    return ModelWeights(layers, final, embed_w, out_w, numbers)

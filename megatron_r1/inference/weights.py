@@ -19,6 +19,7 @@ from megatron_r1.errors import CheckpointError
 from megatron_r1.inference.layer_adapter import canonical_name
 
 _EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)")
 
 
 def _groups():
@@ -39,6 +40,33 @@ def _tensors(model):
         if name.endswith("expert_bias"):
             out[name] = buf
     return out
+
+
+def _stage_tensors(model):
+    """`_tensors` named as the whole model names them: a pipeline stage's decoder layers by their global index
+    (layer_number - 1, not the stage's own 0..n-1). The last stage's copy of a tied output layer is left out (the
+    full model has only the embedding; it is loaded from there)."""
+    numbers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
+    out = {}
+    for name, t in _tensors(model).items():
+        m = _LAYER.match(name)
+        if m:
+            name = f"{m.group(1)}{numbers[int(m.group(2))]}{m.group(3)}"
+        out[name] = t
+    return out
+
+
+def _tied_output(model) -> bool:
+    """A later pipeline stage whose output layer holds its own copy of the tied embedding."""
+    return bool(model.share_embeddings_and_output_weights and not getattr(model, "pre_process", True))
+
+
+def _pp_group():
+    from megatron.core import parallel_state as ps
+
+    if not ps.is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return ps.get_pipeline_model_parallel_group()
 
 
 def _is_gated_fc1(name: str, model) -> bool:
@@ -63,14 +91,18 @@ def _is_tp_sharded(t, name: str) -> bool:
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """Every tensor of `model` unsharded (gathered over TP and EP); collective over the model's groups."""
+    """Every tensor of `model` unsharded (gathered over TP, EP and the pipeline stages); collective over the
+    model's groups."""
     from megatron_r1.inference.engine import unwrap_model
 
     model = unwrap_model(model)
     tp, tp_size, _, ep, ep_size, ep_rank = _groups()
     n_local = _num_local_experts(model)
     full = {}
-    for name, param in _tensors(model).items():
+    tensors = _stage_tensors(model)
+    if _tied_output(model):
+        tensors.pop("output_layer.weight", None)
+    for name, param in tensors.items():
         t = param.detach()  # (detach drops Megatron's sharding attributes: read them from `param`)
         if _is_tp_sharded(param, name) and tp_size > 1:
             parts = [torch.empty_like(t) for _ in range(tp_size)]
@@ -88,6 +120,12 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
                 full[_global_name(name, r, n_local)] = p.clone()
         else:
             full[_global_name(name, ep_rank, n_local)] = t.clone()
+    pp = _pp_group()
+    if pp is not None:  # every stage's tensors, on every stage (by value, on the CPU)
+        parts: list = [None] * dist.get_world_size(pp)
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in full.items()}, group=pp)
+        device = next(iter(full.values())).device if full else torch.device("cpu")
+        full = {k: v.to(device) for part in parts for k, v in part.items()}
     return full
 
 
@@ -98,8 +136,10 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
     model = unwrap_model(model)
     _, tp_size, tp_rank, _, _, ep_rank = _groups()
     n_local = _num_local_experts(model)
-    mine = _tensors(model)
-    missing = [_global_name(n, ep_rank, n_local) for n in mine if _global_name(n, ep_rank, n_local) not in full]
+    mine = _stage_tensors(model)
+    if _tied_output(model) and "output_layer.weight" not in full:  # the tied output weight is the embedding
+        full = {**full, "output_layer.weight": full.get("embedding.word_embeddings.weight")}
+    missing = [_global_name(n, ep_rank, n_local) for n in mine if full.get(_global_name(n, ep_rank, n_local)) is None]
     if missing:
         raise CheckpointError(f"refit: the source has no tensor for {missing[:3]} (and {max(0, len(missing) - 3)} "
                               "more): the models differ in architecture")

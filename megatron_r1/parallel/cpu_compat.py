@@ -249,6 +249,36 @@ def _patch_clip_grads():
     optimizer.clip_grad_by_total_norm_fp32 = cpu_clip_grad_by_total_norm_fp32
 
 
+# ------------------------------------------------------------------ (19) tied embeddings across pipeline stages
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """`Tensor.cuda()` returning the tensor itself, for the duration of one Megatron call that moves a tensor to the
+    GPU only to all-reduce it (gloo reduces CPU tensors)."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+
+def _patch_tied_embedding_setup():
+    """`LanguageModule.setup_embeddings_and_output_layer` copies the first stage's word embeddings into the last
+    stage's output layer (tied weights, PP > 1) with `weight.data.cuda()` before the all-reduce."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(original, "_megatron_r1_cpu", False):
+        return
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        with _tensor_cuda_is_identity():
+            return original(self, *args, **kwargs)
+
+    setup_embeddings_and_output_layer._megatron_r1_cpu = True  # type: ignore[attr-defined]
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def install() -> bool:
     """Install the bridges when CUDA is absent; returns True if they are (idempotent).
 
@@ -271,6 +301,7 @@ def install() -> bool:
         importlib.import_module(name).torch = shim
     _patch_all_to_all()
     _patch_clip_grads()
+    _patch_tied_embedding_setup()
     # (6) Without Transformer Engine its extension module still imports with mock objects, so modules believe
     # TE is there; tell them the truth so they take their pure-torch paths.
     _disable_te_flags()

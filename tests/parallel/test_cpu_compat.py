@@ -206,3 +206,26 @@ def test_broken_transformer_engine_counts_as_absent(monkeypatch):
     monkeypatch.setattr(cpu_compat, "_WARNED_BROKEN_TE", False)
     with pytest.warns(RuntimeWarning, match="undefined symbol"):
         assert cpu_compat.te_available() is False
+
+
+# ------------------------------------------------------------------ (19) tied embeddings across pipeline stages
+def _tied_pp2(rank, world_size):
+    from megatron_r1.config import ParallelConfig
+    from megatron_r1.models import build_model, get_preset
+    from megatron_r1.parallel import init_parallel
+
+    layout = ParallelConfig(pipeline_model_parallel_size=2)
+    init_parallel(layout)
+    torch.manual_seed(rank)  # the stages draw different weights: only the setup's all-reduce makes them equal
+    cfg = get_preset("llama_tiny")
+    assert not cfg.untie_embeddings_and_output_weights
+    model = build_model(cfg, layout, "fp32")
+    return model.shared_embedding_or_output_weight().detach().clone()
+
+
+def test_tied_embedding_setup_needs_the_bridge_and_copies_the_first_stage():
+    raw = pristine("megatron.core.models.common.language_module.language_module")
+    source = inspect.getsource(raw.LanguageModule.setup_embeddings_and_output_layer)
+    assert ".data.cuda()" in source, "the tied-embedding setup no longer moves to the GPU: remove bridge (19)"
+    first, last = run_distributed(_tied_pp2, 2)
+    assert first.abs().sum() > 0 and torch.equal(first, last)  # the last stage's output layer = the embedding
