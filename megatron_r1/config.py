@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_r1.errors import ConfigError
+from megatron_r1.presets import preset_fields
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -23,7 +24,7 @@ from megatron_r1.errors import ConfigError
 class ModelConfig:
     """Architecture. `preset` fills every field first; fields given next to it override the preset's values."""
 
-    preset: Optional[str] = None  # deepseek_v3 | deepseek_v3_tiny | llama | llama_tiny | qwen2 | qwen2_tiny | ...
+    preset: Optional[str] = None  # a name in presets.py (deepseek_v3, deepseek_v3_tiny, llama_tiny, ...)
     arch: str = "deepseek_v3"  # deepseek_v3 (MLA + MoE) | llama | qwen2 (dense, GQA)
     num_layers: int = 4
     hidden_size: int = 128
@@ -82,6 +83,11 @@ class ModelConfig:
         """Rows of the embedding and output layer: vocab_size rounded up to vocab_pad_multiple (and to a multiple
         of TP when that one is not); the same at every TP size that divides the multiple."""
         return padded_vocab_size(self.vocab_size, tp, self.vocab_pad_multiple)
+
+
+def get_preset(name: str, where: str = "model.preset") -> ModelConfig:
+    """A fresh ModelConfig for preset `name` (megatron_r1/presets.py), with its `preset` field set."""
+    return ModelConfig(**preset_fields(name, where), preset=name)
 
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
@@ -364,8 +370,6 @@ def _from_dict(cls, data: Any, where: str, base=None):
     names = {f.name for f in dataclasses.fields(cls)}
     obj = base if base is not None else cls()
     if cls is ModelConfig and data.get("preset") is not None and base is None:
-        from megatron_r1.models.presets import get_preset
-
         obj = get_preset(data["preset"], where=f"{where}.preset" if where else "preset")
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
