@@ -7,26 +7,15 @@ everything, so callers never branch on rank.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
-
-def get_logger(name: str = "megatron_r1") -> logging.Logger:
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(os.environ.get("MEGATRON_R1_LOG_LEVEL", "INFO"))
-        logger.propagate = False
-    return logger
+from megatron_r1.logging.console import get_logger as get_logger  # re-exported: its home before console.py
+from megatron_r1.logging.wandb_sink import open_wandb
 
 
 def _scalar(v) -> Optional[float]:
@@ -62,8 +51,6 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if wandb:
-            from megatron_r1.logging.wandb_sink import open_wandb
-
             self._wandb = open_wandb(self.run_dir, wandb_project, wandb_mode, run_config)
 
     @classmethod

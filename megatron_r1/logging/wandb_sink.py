@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Mapping, Optional
 
-from megatron_r1.logging.metrics import get_logger
+from megatron_r1.logging.console import get_logger
 
 log = get_logger()
 
