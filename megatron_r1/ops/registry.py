@@ -3,15 +3,14 @@
 `rl.advantage_estimator` and `rl.policy_loss` take a registered name. The built-ins live where their math is
 (advantage estimators in reference.py, per-token surrogates in loss.py) and register themselves on import;
 `register_advantage_estimator` / `register_policy_loss` add a user's own under a new name. This module imports
-no torch, so listing the names stays cheap; the built-ins are imported on first lookup.
+no torch; the built-ins (which do) are imported on the first lookup (megatron_r1/registry.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-_ESTIMATORS: dict[str, Callable] = {}
-_LOSSES: dict[str, "PolicyLossSpec"] = {}
+from megatron_r1.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -23,56 +22,35 @@ class PolicyLossSpec:
     sequence_ratio: bool = False  # the ratio is one per answer (geometric mean of its token ratios)
 
 
+# The built-ins register themselves when these modules are imported (on the first lookup: they import torch).
+_BUILTINS = ("megatron_r1.ops.loss", "megatron_r1.ops.reference")
+ESTIMATORS: Registry[Callable] = Registry("advantage estimator", _BUILTINS)
+LOSSES: Registry[PolicyLossSpec] = Registry("policy loss", _BUILTINS)
+
+
 def register_advantage_estimator(name: str):
     """Register `fn(rewards [N], group_size, opts, lengths=None, dp_group=None) -> advantages [N]` under `name`."""
-
-    def wrap(fn):
-        if name in _ESTIMATORS and _ESTIMATORS[name] is not fn:
-            raise ValueError(f"advantage estimator {name!r} is already registered by {_ESTIMATORS[name].__module__}")
-        _ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
+    return ESTIMATORS.register(name)
 
 
 def register_policy_loss(name: str, sequence_ratio: bool = False):
     """Register a per-token surrogate `fn(ratio, log_ratio, advantages, cfg) -> loss` under `name`."""
-
-    def wrap(fn):
-        if name in _LOSSES and _LOSSES[name].surrogate is not fn:
-            raise ValueError(f"policy loss {name!r} is already registered by {_LOSSES[name].surrogate.__module__}")
-        _LOSSES[name] = PolicyLossSpec(name, fn, sequence_ratio)
-        return fn
-
-    return wrap
-
-
-def _load_builtins() -> None:
-    # imported for their @register_* side effects; deferred so this module stays torch-free and cycle-free
-    from megatron_r1.ops import loss, reference  # noqa: F401
+    return LOSSES.register(name, lambda fn: PolicyLossSpec(name, fn, sequence_ratio))
 
 
 def advantage_estimators() -> tuple:
     """The registered estimator names (built-ins first, in registration order)."""
-    _load_builtins()
-    return tuple(_ESTIMATORS)
+    return ESTIMATORS.names()
 
 
 def policy_losses() -> tuple:
     """The registered policy loss names."""
-    _load_builtins()
-    return tuple(_LOSSES)
+    return LOSSES.names()
 
 
 def get_advantage_estimator(name: str) -> Callable:
-    _load_builtins()
-    if name not in _ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {', '.join(_ESTIMATORS)}")
-    return _ESTIMATORS[name]
+    return ESTIMATORS.get(name)
 
 
 def get_policy_loss(name: str) -> PolicyLossSpec:
-    _load_builtins()
-    if name not in _LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; known: {', '.join(_LOSSES)}")
-    return _LOSSES[name]
+    return LOSSES.get(name)

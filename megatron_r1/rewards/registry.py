@@ -7,6 +7,7 @@ import inspect
 from typing import Callable, Protocol
 
 from megatron_r1.errors import ConfigError
+from megatron_r1.registry import Registry
 
 
 class RewardFn(Protocol):
@@ -15,9 +16,12 @@ class RewardFn(Protocol):
     def __call__(self, completions: list[str], samples: list[dict]) -> list[float]: ...
 
 
-_REGISTRY: dict[str, Callable] = {}
-# Built-ins whose modules pull in torch/Megatron: imported only when asked for by name.
+# Built-ins, imported on the first lookup (they register themselves). reward_model pulls in torch/Megatron: it is
+# imported only when asked for by name.
+_BUILTINS = ("megatron_r1.rewards.accuracy", "megatron_r1.rewards.code", "megatron_r1.rewards.countdown",
+             "megatron_r1.rewards.format", "megatron_r1.rewards.language")
 _HEAVY_BUILTINS = {"reward_model": "megatron_r1.rewards.reward_model"}
+REWARDS: Registry[Callable] = Registry("reward", _BUILTINS)
 
 
 def register_reward(name: str):
@@ -26,25 +30,12 @@ def register_reward(name: str):
     The decorated object is either a function `fn(completions, samples, **options) -> list[float]` or a class
     whose `__init__(**options)` builds a batched callable (for rewards that hold state such as a process pool).
     """
-
-    def wrap(obj):
-        if name in _REGISTRY and _REGISTRY[name] is not obj:
-            raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__module__}")
-        _REGISTRY[name] = obj
-        return obj
-
-    return wrap
+    return REWARDS.register(name)
 
 
 def available_rewards() -> list[str]:
     """The registered names, for error messages and `--help`."""
-    _load_builtins()
-    return sorted(set(_REGISTRY) | set(_HEAVY_BUILTINS))
-
-
-def _load_builtins() -> None:
-    # Imported for their @register_reward side effect; deferred so `registry` has no import cycle.
-    from megatron_r1.rewards import accuracy, code, countdown, format, language  # noqa: F401
+    return sorted(set(REWARDS.names()) | set(_HEAVY_BUILTINS))
 
 
 def _resolve(name: str):
@@ -58,13 +49,12 @@ def _resolve(name: str):
             return getattr(module, attr)
         except AttributeError:
             raise ConfigError(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}") from None
-    _load_builtins()
-    if name not in _REGISTRY and name in _HEAVY_BUILTINS:
+    if name not in REWARDS and name in _HEAVY_BUILTINS:
         importlib.import_module(_HEAVY_BUILTINS[name])
-    if name not in _REGISTRY:
+    if name not in REWARDS:
         raise ConfigError(f"unknown reward {name!r}; known: {', '.join(available_rewards())} "
                           f"(or use 'pkg.module:function')")
-    return _REGISTRY[name]
+    return REWARDS.get(name)
 
 
 def _check_options(name: str, target: Callable, options: dict, skip: int) -> None:
