@@ -20,6 +20,7 @@ import yaml
 from megatron_r1.config import Config, config_from_dict
 from megatron_r1.errors import CheckpointError, ConfigError, DataError
 from megatron_r1.logging import get_logger
+from megatron_r1.pipeline.files import write_jsonl
 
 log = get_logger()
 
@@ -68,7 +69,7 @@ def teacher_config(teacher: str, prompts: str, prompt_options: dict, run_dir: st
 def build_distill_data(cfg: Config, opts: DistillOptions) -> tuple[Path, dict]:
     """Write the student's training jsonl (teacher answers + reused rows); return its path and a summary."""
     from megatron_r1.data import load_dataset
-    from megatron_r1.pipeline.rejection_sampling import SamplingOptions, print_summary, run_sampling, write_jsonl
+    from megatron_r1.pipeline.rejection_sampling import SamplingOptions, print_summary, run_sampling
     from megatron_r1.pipeline.sections import parse_section
     from megatron_r1.parallel.runtime import current_context
 

@@ -11,14 +11,13 @@ that routes each row to the reward set of its kind.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from megatron_r1.errors import ConfigError, DataError
+from megatron_r1.pipeline.files import write_jsonl
 
 
 @dataclass
@@ -114,13 +113,7 @@ def write_mixture(data: dict, path: str | Path, where: str = "mixture") -> dict:
     """Write the mixture described by `data` (a `mixture:` mapping) to `path` atomically; return counts per kind."""
     opts, sources = parse_mixture(data, where)
     rows = build_mixture(opts, sources, where)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(rows, path)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["kind"]] = counts.get(r["kind"], 0) + 1

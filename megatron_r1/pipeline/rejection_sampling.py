@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ from typing import Optional
 from megatron_r1.config import Config
 from megatron_r1.errors import CheckpointError, ConfigError, DataError
 from megatron_r1.logging import get_logger
+from megatron_r1.pipeline.files import write_jsonl
 from megatron_r1.pipeline.filters import FilterStats, FilterThresholds, measure, select_answers
 
 log = get_logger()
@@ -235,16 +235,6 @@ def load_general(source: str, count: int, options: dict, seed: int) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Atomically: a killed run never leaves a half-written file that a re-run would take as finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def output_path(cfg: Config, opts: SamplingOptions) -> Path:
     return Path(opts.output) if opts.output else Path(cfg.logging.run_dir) / "samples.jsonl"
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_r1.errors import ConfigError
+from megatron_r1.pipeline.files import atomic_open
 
 STAGE_TYPES = ("train", "sample", "distill")
 MARKER = "STAGE_DONE.json"
@@ -253,12 +254,10 @@ def read_marker(stage: StageSpec) -> Optional[dict]:
 
 def write_marker(stage: StageSpec, summary: dict, seconds: float) -> None:
     """Atomic (write beside, then rename): the marker exists only once the stage's outputs are final."""
-    stage.dir.mkdir(parents=True, exist_ok=True)
     body = {"stage": stage.name, "type": stage.type, "fingerprint": stage.fingerprint(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 1), "summary": summary}
-    tmp = stage.dir / f".{MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(body, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, stage.marker)
+    with atomic_open(stage.marker) as f:
+        f.write(json.dumps(body, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(v):
