@@ -39,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from megatron_r1.rewards.cgroups import CgroupRoot, RunCgroup, find_cgroup_root
 from megatron_r1.rewards.isolation import WORKDIR, FilesystemView, filesystem_view, site_boot_args
@@ -198,37 +199,40 @@ def unisolated_capabilities(python: str | None = None) -> UnisolatedCapabilities
     return caps
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session `sid`, from /proc."""
+def _live_processes(proc_file: str, match: Callable[[str], bool]) -> list[int]:
+    """The pids whose /proc/<pid>/<proc_file> text satisfies `match` (processes that vanish meanwhile are skipped)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
+            text = Path(f"/proc/{entry}/{proc_file}").read_text()
         except OSError:
             continue
-        # Fields after the ")" of the command name: state ppid pgrp session ...
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid:
+        if match(text):
             pids.append(int(entry))
     return pids
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session `sid`, from /proc."""
+
+    def member(stat: str) -> bool:
+        # Fields after the ")" of the command name: state ppid pgrp session ...
+        fields = stat[stat.rfind(")") + 2:].split()
+        return len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == sid
+
+    return _live_processes("stat", member)
 
 
 def _uid_members(uid: int) -> list[int]:
     """Live (non-zombie) processes whose real uid is `uid`, from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
+
+    def member(status: str) -> bool:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields.get("Uid", "-1 ").split()[0]) == uid and not fields.get("State", "").strip().startswith("Z"):
-            pids.append(int(entry))
-    return pids
+        return int(fields.get("Uid", "-1 ").split()[0]) == uid and not fields.get("State", "").strip().startswith("Z")
+
+    return _live_processes("status", member)
 
 
 def _kill_uid(uid: int, patience: float = 5.0) -> None:
