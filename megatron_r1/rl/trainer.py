@@ -233,10 +233,9 @@ def run_grpo(cfg: Config) -> dict:
     from megatron_r1.rewards import CombinedReward, RewardSpec
 
     rl, t = cfg.rl, cfg.training
+    # With PP > 1 every stage generates the same rollouts (its own layers; the last stage samples) and scores them,
+    # so each stage holds the whole batch its schedule's micro-batches are cut from.
     ctx = init_parallel(cfg.parallel, t.seed)
-    if ctx.pp_size > 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size: GRPO generates with the in-engine generator, "
-                          "which does not support pipeline parallelism; use TP/EP/DP for RL")
     if rl.prompts_per_step % ctx.dp_size:
         raise ConfigError(f"rl.prompts_per_step: {rl.prompts_per_step} is not divisible by the data-parallel size "
                           f"{ctx.dp_size}")
@@ -314,7 +313,8 @@ def run_grpo(cfg: Config) -> dict:
                     mini = pb.slice(start, min(n, start + mini_per_rank))
                     plan = plan_micro_batches(mini, mbs, max_tokens)
                     with hidden_mode(state.model), replaying(None if need_old else mismatch):
-                        # no pipeline in RL, so the schedule's sequence length / micro-batch size are nominal
+                        # with PP the stages exchange each micro-batch's own shape (variable_seq_lengths), so
+                        # the schedule's sequence length / micro-batch size are nominal
                         result = train_step(state, make_policy_loss_step(rl, cfg.generation.temperature),
                                             micro_batches(mini, mbs, ctx.device, rl.loss_agg, plan=plan), len(plan),
                                             mini.tokens.shape[1], mini.rows(mbs))
