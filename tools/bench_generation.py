@@ -169,6 +169,8 @@ def _r1_arguments(ap):
     g.add_argument("--budget-rows", type=int, default=16,
                    help="without --budget-gb: the budget is this many contiguous rows of the full context")
     g.add_argument("--block-size", type=int, default=16, help="paged cache: tokens per block")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help="paged cache: most requests running at once (default: all of them; memory decides)")
     g.add_argument("--sides", nargs="+", choices=["contiguous", "paged"], default=["contiguous", "paged"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quick", action="store_true",
@@ -233,6 +235,7 @@ def run_side(engine, reqs, clock_name: str) -> dict:
     token_bytes = engine.cache.bytes_per_token()
     if engine.paged:  # bytes of the blocks in use at the peak (the pool itself is allocated whole)
         out["used_bytes_peak"] = st["kv_blocks_peak"] * engine.cache.block_size * token_bytes
+        out["gather_bytes"] = engine.cache.gather_bytes()
     else:  # every running request holds its whole row
         out["used_bytes_peak"] = running_peak * engine.max_seq_len * token_bytes
     out["tok_s"] = out["tokens"] / (cpu if clock_name == "cpu" else wall)
@@ -286,7 +289,7 @@ def run_r1(args) -> dict:
         if side == "contiguous":
             engine = contiguous_rows_engine(model, rows, max_seq)
         else:
-            engine = Engine(model, max_batch_size=len(reqs), max_seq_len=max_seq, kv_cache="paged",
+            engine = Engine(model, max_batch_size=args.max_batch or len(reqs), max_seq_len=max_seq, kv_cache="paged",
                             kv_block_size=args.block_size, kv_cache_memory_gb=budget / 2 ** 30)
         res[side] = r = run_side(engine, reqs, args.clock)
         del engine
@@ -294,7 +297,8 @@ def run_r1(args) -> dict:
         print(f"{side:10s}: cache {r['cache_bytes'] / mib:7.2f} MiB (peak in use {r['used_bytes_peak'] / mib:7.2f} "
               f"MiB), running at most {r['running_peak']:4d}, preemptions {r['preemptions']:4d}, "
               f"{r['completed']}/{r['requests']} done, {r['tokens']} tokens in {r['steps']} steps, "
-              f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s: {r['tok_s']:8.1f} tok/s ({args.clock})",
+              f"wall {r['wall_s']:7.1f} s, CPU {r['cpu_s']:7.1f} s: {r['tok_s']:8.1f} tok/s ({args.clock})"
+              + (f"; decode gather buffer {r['gather_bytes'] / mib:.2f} MiB" if "gather_bytes" in r else ""),
               flush=True)
     if "contiguous" in res and "paged" in res:
         c, p = res["contiguous"], res["paged"]

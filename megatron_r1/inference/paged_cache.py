@@ -139,6 +139,12 @@ class PagedKVCache:
     def bytes_per_token(self) -> int:
         return self.nbytes() // (self.num_blocks * self.block_size)
 
+    def gather_bytes(self) -> int:
+        """Bytes of `read`'s reused CPU gather buffer: its largest step's B rows x the step's longest length, one
+        layer's entries (0 on CUDA, where gathers are transient allocations). Not in `nbytes`: memory a paged
+        decode without a paged-attention kernel needs beside the pool."""
+        return 0 if self._buf is None else self._buf.numel() * self._buf.element_size()
+
     def blocks_for(self, n_tokens: int) -> int:
         return math.ceil(n_tokens / self.block_size)
 
