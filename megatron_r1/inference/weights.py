@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_r1.errors import CheckpointError
 from megatron_r1.inference.layer_adapter import canonical_name
+from megatron_r1.models.unwrap import unwrap
 
 _EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)")
@@ -93,9 +94,7 @@ def _is_tp_sharded(t, name: str) -> bool:
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Every tensor of `model` unsharded (gathered over TP, EP and the pipeline stages); collective over the
     model's groups."""
-    from megatron_r1.inference.engine import unwrap_model
-
-    model = unwrap_model(model)
+    model = unwrap(model)
     tp, tp_size, _, ep, ep_size, ep_rank = _groups()
     n_local = _num_local_experts(model)
     full = {}
@@ -131,9 +130,7 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(model, full: dict[str, torch.Tensor]) -> None:
     """Copy a full state dict into this rank's shards of `model` (in place, any dtype; vocab padding adapted)."""
-    from megatron_r1.inference.engine import unwrap_model
-
-    model = unwrap_model(model)
+    model = unwrap(model)
     _, tp_size, tp_rank, _, _, ep_rank = _groups()
     n_local = _num_local_experts(model)
     mine = _stage_tensors(model)
