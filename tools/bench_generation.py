@@ -274,6 +274,10 @@ def run_r1(args) -> dict:
     row_bytes = max_seq * token_bytes
     budget = int(args.budget_gb * 2 ** 30) if args.budget_gb else args.budget_rows * row_bytes
     rows = budget // row_bytes
+    if rows < 1:
+        raise SystemExit(f"--budget-gb: {budget / 2 ** 20:.2f} MiB holds no full-context row "
+                         f"({row_bytes / 2 ** 20:.2f} MiB): neither cache could run a request of --prompt-len + "
+                         "--max-len tokens alone")
     lengths = [sp.max_tokens for _, sp in reqs]
     print(f"model: {args.preset} layers {m_cfg.num_layers} dtype {next(model.parameters()).dtype} threads "
           f"{torch.get_num_threads()}; KV {token_bytes} B/token, a full-context row ({max_seq} positions) "

@@ -289,8 +289,8 @@ class PagedKVCache:
         """Rows 0..B-1's first L entries, gathered from their blocks (`decode_index`'s index): MLA [B, L, w]; dense
         [B, kv_heads, L, 2*hd]. Why one `index_select` of whole blocks into a buffer kept across layers and steps:
         the gather is B x L entries every layer (every row is read up to the step's longest length), the largest
-        cost of a paged CPU step; a fresh tensor each time page-faults it in again (profile: the gather plus a
-        reshape copy were 54% of a step at 28 rows of ~1-4k positions, the attention matmuls 24%)."""
+        cost of a paged CPU step; gathering then reshaping copied it twice into fresh tensors (profile, 28 rows of
+        ~300-500 positions: those two copies were 54% of a step, the attention matmuls 24%; now 19% and 45%)."""
         t = self._tensors()[i]
         bs = self.block_size
         pool = t.view(t.shape[0] * (1 if self.spec.mla else self.spec.kv_heads), -1)  # one row per (block, head)
