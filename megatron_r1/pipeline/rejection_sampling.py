@@ -107,9 +107,6 @@ def build_generator(cfg: Config, checkpoint: str, max_new_tokens: int):
     from megatron_r1.parallel import init_parallel
 
     ctx = init_parallel(cfg.parallel, cfg.training.seed)
-    if ctx.pp_size > 1:
-        raise ConfigError("parallel.pipeline_model_parallel_size: the in-engine generator does not support "
-                          "pipeline parallelism; sample with TP/EP/DP")
     model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
     load_model_only(model, checkpoint)
     model.eval()
@@ -137,16 +134,17 @@ def _resolved_checkpoint(cfg: Config, opts: SamplingOptions) -> str:
 
 # ------------------------------------------------------------------------------------------------ sampling
 def _gather_rows(rows: list, ctx) -> list:
-    """Every DP rank's rows, in rank order, on every rank (TP peers of a DP rank hold identical rows)."""
+    """Every DP rank's rows, in rank order, on every rank (the TP peers and pipeline stages of a DP rank generate
+    together and hold identical rows)."""
     import torch.distributed as dist
 
     if ctx.world_size == 1:
         return rows
     everyone: list = [None] * ctx.world_size
-    dist.all_gather_object(everyone, (ctx.dp_rank, ctx.tp_rank, rows))
+    dist.all_gather_object(everyone, (ctx.dp_rank, ctx.tp_rank, ctx.pp_rank, rows))
     out = []
-    for _dp_rank, tp_rank, part in sorted(everyone, key=lambda x: (x[0], x[1])):
-        if tp_rank == 0:
+    for _dp_rank, tp_rank, pp_rank, part in sorted(everyone, key=lambda x: (x[0], x[1], x[2])):
+        if tp_rank == 0 and pp_rank == 0:
             out.extend(part)
     return out
 
@@ -161,7 +159,8 @@ def sample_reasoning(cfg: Config, opts: SamplingOptions, checkpoint: str, prompt
     engine, tokenizer, template, ctx = build_generator(cfg, checkpoint, max_new)
     thresholds = opts.thresholds(template.think_only)
     temperature = cfg.generation.temperature if opts.temperature is None else opts.temperature
-    # DP ranks split the prompts; TP peers of one DP rank generate together (the engine is a collective there).
+    # DP ranks split the prompts; the TP peers and pipeline stages of one DP rank generate together (the engine is
+    # a collective there).
     mine = [(i, p) for i, p in enumerate(prompts) if i % ctx.dp_size == ctx.dp_rank]
     accuracy = get_reward("accuracy")
     rows: list[dict] = []
