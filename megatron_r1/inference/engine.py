@@ -206,6 +206,7 @@ class Engine:
         # Broadcasts that make every rank hold the same sampled tokens (see module docstring), in order: (group,
         # source rank, run on the last pipeline stage only)
         self._syncs: list[tuple] = []
+        self._replicate_over_dp = False  # expert parallelism across DP ranks: generate() gathers their requests
         if ps.is_initialized() and dist.is_initialized():
             ep = self.fn.expert_group is not None and dist.get_world_size(self.fn.expert_group) > 1
             if self.fn.tp_size > 1 and (self.pp_size > 1 or not ep):
@@ -214,6 +215,7 @@ class Engine:
                 self._syncs.append((self.fn.pp_group, ps.get_pipeline_model_parallel_last_rank(), False))
             if ep:  # then every rank of the model agrees with rank 0
                 self._syncs.append((dist.group.WORLD, 0, False))
+            self._replicate_over_dp = ep and ps.get_data_parallel_world_size() > 1
         # prompt_tokens: tokens admitted to prefill; prefill_tokens_shared: those of them not computed because an
         # identical sequence was prefilled in the same step (its cache rows copied instead: GRPO's G samples)
         self.stats = {"requests_finished": 0, "generated_tokens": 0, "prompt_tokens": 0,
@@ -587,12 +589,45 @@ class Engine:
                  sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[GenerationResult]:
         """Generate for every prompt (same order) through the continuous-batching scheduler.
 
-        In a TP (or EP) group every rank calls this with the same arguments and gets the same results.
+        The ranks of one model replica (its TP group and pipeline stages) call this with the same arguments and get
+        the same results. With expert parallelism each data-parallel rank may pass its own prompts: the experts'
+        outputs are all-reduced over ranks of different replicas, so every rank must run the same tokens; the
+        requests of all DP ranks are gathered, every rank generates all of them, and each gets its own back. That
+        costs each rank the attention of every DP rank's requests (the experts stay sharded): a generator that
+        dispatches tokens to their experts (all-to-all) instead of replicating them would not.
         """
         if sampling is None or isinstance(sampling, SamplingParams):
             sampling = [sampling or SamplingParams()] * len(prompts_token_ids)
         if len(sampling) != len(prompts_token_ids):
             raise UserError(f"{len(sampling)} SamplingParams for {len(prompts_token_ids)} prompts")
+        if self._replicate_over_dp:
+            return self._generate_every_dp_rank(prompts_token_ids, sampling)
+        return self._generate(prompts_token_ids, sampling)
+
+    def _generate_every_dp_rank(self, prompts_token_ids, sampling) -> list[GenerationResult]:
+        """`generate` under expert parallelism: all DP ranks' requests on every rank, in DP-rank order."""
+        from megatron.core import parallel_state as ps
+
+        mine = ([list(map(int, p)) for p in prompts_token_ids], list(sampling))
+        everyone: list = [None] * dist.get_world_size()
+        key = (ps.get_data_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+               ps.get_pipeline_model_parallel_rank())
+        dist.all_gather_object(everyone, (key, mine))
+        by_dp: dict = {}
+        for (dp, _tp, _pp), part in sorted(everyone, key=lambda e: e[0]):
+            by_dp.setdefault(dp, part)  # a replica's TP peers and stages passed the same requests
+        prompts: list[list[int]] = []
+        params: list[SamplingParams] = []
+        start = 0
+        for dp, (p, sp) in sorted(by_dp.items()):
+            if dp == key[0]:
+                start = len(prompts)
+            prompts += p
+            params += sp
+        results = self._generate(prompts, params)
+        return results[start:start + len(prompts_token_ids)]
+
+    def _generate(self, prompts_token_ids, sampling) -> list[GenerationResult]:
         reqs = []
         for ids, sp in zip(prompts_token_ids, sampling):
             while True:
