@@ -11,10 +11,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_r1.choices import (NOUNS, AdvantageStd, Arch, Backend, BuiltinTemplate, KLEstimator, KVCache,
+                                 LossAgg, LRDecayStyle, Precision, RopeType, RouterScoreFunction, SingletonAdvantage,
+                                 Stage, TISLevel, TokenDispatcher, TransformerImpl, WandbMode)
 from megatron_r1.errors import ConfigError
 from megatron_r1.presets import preset_fields
 
@@ -25,11 +28,11 @@ class ModelConfig:
     """Architecture. `preset` fills every field first; fields given next to it override the preset's values."""
 
     preset: Optional[str] = None  # a name in presets.py (deepseek_v3, deepseek_v3_tiny, llama_tiny, ...)
-    arch: str = "deepseek_v3"  # deepseek_v3 (MLA + MoE) | llama | qwen2 (dense, GQA)
-    num_layers: int = 4
-    hidden_size: int = 128
+    arch: Arch = "deepseek_v3"  # deepseek_v3 (MLA + MoE) | llama | qwen2 (dense, GQA)
+    num_layers: int = 4  # decoder layers
+    hidden_size: int = 128  # model width
     ffn_hidden_size: int = 384  # dense MLP width (DeepSeek-V3: the first-k dense layers)
-    num_attention_heads: int = 4
+    num_attention_heads: int = 4  # query heads
     num_query_groups: Optional[int] = None  # GQA groups for dense models; None = multi-head
     kv_channels: Optional[int] = None  # head dim of dense models; None = hidden / heads
     vocab_size: int = 512  # tokenizer vocab; padded by the model builder (see vocab_pad_multiple)
@@ -37,47 +40,49 @@ class ModelConfig:
     # it divides the result), so a checkpoint saved at one TP size loads at another; Megatron's own rule (a
     # multiple of 128 × TP) would change the shapes with TP.
     vocab_pad_multiple: int = 128
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 512  # longest position the rotary tables cover
     seq_length: int = 256  # training sequence length (prompt + response in RL)
-    norm_epsilon: float = 1e-6
-    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-6  # RMSNorm epsilon
+    rotary_base: float = 10000.0  # RoPE theta
     untie_embeddings_and_output_weights: bool = True  # DeepSeek-V3: untied; small Llamas: tied
     add_qkv_bias: bool = False  # Qwen2: True
-    init_method_std: float = 0.02
+    init_method_std: float = 0.02  # std of the normal weight init
     # Multi-latent attention (DeepSeek-V2/V3).
     multi_latent_attention: bool = True
     q_lora_rank: Optional[int] = 48  # None: queries are not compressed
-    kv_lora_rank: int = 32
+    kv_lora_rank: int = 32  # the compressed KV width (what the KV cache stores)
     qk_head_dim: int = 32  # the no-position ("nope") part of each query/key head
     qk_pos_emb_head_dim: int = 16  # the rotary part, shared by all heads for keys
-    v_head_dim: int = 32
-    rope_type: str = "yarn"  # yarn | rope
-    rotary_scaling_factor: float = 40.0
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
+    v_head_dim: int = 32  # value head dim
+    rope_type: RopeType = "yarn"  # yarn (YaRN-extended, DeepSeek-V3) | rope (plain RoPE)
+    # YaRN (rope_type=yarn): context extension factor over the original window, its frequency ramp
+    # (beta_fast/beta_slow) and attention-temperature terms (mscale, mscale_all_dim), as in DeepSeek-V3's config
+    rotary_scaling_factor: float = 40.0  # YaRN: the context-extension factor
+    original_max_position_embeddings: int = 4096  # YaRN: the window before extension
+    beta_fast: float = 32.0  # YaRN: ramp end (rotations)
+    beta_slow: float = 1.0  # YaRN: ramp start (rotations)
+    mscale: float = 1.0  # YaRN: attention temperature term
+    mscale_all_dim: float = 1.0  # YaRN: attention temperature term over all dims
     # DeepSeekMoE.
     num_experts: Optional[int] = 4  # routed experts; None = dense model
-    moe_ffn_hidden_size: int = 96
+    moe_ffn_hidden_size: int = 96  # width of each routed expert
     moe_shared_expert_intermediate_size: Optional[int] = 96  # one shared expert of this width; None = none
-    moe_router_topk: int = 2
+    moe_router_topk: int = 2  # experts per token
     moe_router_num_groups: Optional[int] = 2  # group-limited routing: experts split in groups ...
     moe_router_group_topk: Optional[int] = 1  # ... and only the best groups are eligible
-    moe_router_score_function: str = "sigmoid"
+    moe_router_score_function: RouterScoreFunction = "sigmoid"  # DeepSeek-V3: sigmoid; V2/Mixtral: softmax
     moe_router_enable_expert_bias: bool = True  # aux-loss-free balancing with a per-expert bias
-    moe_router_bias_update_rate: float = 1e-3
+    moe_router_bias_update_rate: float = 1e-3  # step of the expert-bias update per training step
     moe_router_topk_scaling_factor: Optional[float] = 2.5  # routed scaling factor
     moe_aux_loss_coeff: float = 0.0  # DeepSeek-V3 relies on the bias, not an aux loss (a tiny seq-aux loss is optional)
     first_k_dense_replace: int = 1  # the first k layers use a dense MLP
-    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    moe_token_dispatcher_type: TokenDispatcher = "alltoall"  # alltoall | allgather | flex (Megatron's dispatchers)
     mtp_num_layers: Optional[int] = None  # multi-token prediction depth (DeepSeek-V3: 1)
-    mtp_loss_scaling_factor: float = 0.1
+    mtp_loss_scaling_factor: float = 0.1  # weight of the MTP loss
     # Layer modules: auto (Transformer Engine when it imports and a GPU is present, else local) | local (torch
     # modules) | transformer_engine (an error if TE is missing) | te_standin (TE's parameter layout — norms fused
     # into the next linear as `layer_norm_weight` — from torch modules; runs on CPU, tests the TE layout)
-    transformer_impl: str = "auto"
+    transformer_impl: TransformerImpl = "auto"
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         """Rows of the embedding and output layer: vocab_size rounded up to vocab_pad_multiple (and to a multiple
@@ -102,18 +107,18 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
 class ParallelConfig:
     """Layout. world size = TP × PP × DP; experts are split EP-way inside DP × TP (Megatron's expert groups)."""
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    expert_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1  # TP
+    pipeline_model_parallel_size: int = 1  # PP
+    expert_model_parallel_size: int = 1  # EP
     expert_tensor_parallel_size: Optional[int] = 1  # TP inside experts; DeepSeek-V3 uses 1
     sequence_parallel: Optional[bool] = None  # None: on when TP > 1 (required for MoE with TP)
     use_distributed_optimizer: bool = False  # ZeRO-1 over DP; see README for what CPU supports
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    backend: Backend = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     num_microbatches: Optional[int] = None  # None: global batch / (micro batch × DP)
     # Uneven pipelines (DeepSeek-V3's 61 layers over 16 stages): layers on the first / last stage; the rest are
     # split evenly over the middle stages. None: all stages equal.
     num_layers_in_first_pipeline_stage: Optional[int] = None
-    num_layers_in_last_pipeline_stage: Optional[int] = None
+    num_layers_in_last_pipeline_stage: Optional[int] = None  # (see the line above)
 
     def pipeline_stage_layers(self, num_layers: int) -> list[int]:
         """How many decoder layers each pipeline stage holds (what Megatron builds for this config)."""
@@ -136,27 +141,29 @@ class ParallelConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_warmup_steps: int = 10
-    lr_decay_style: str = "cosine"  # constant | linear | cosine
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    """Adam(W) with a warmup-then-decay learning rate (Megatron's optimizer and scheduler)."""
+
+    lr: float = 1e-3  # peak learning rate, reached after the warmup
+    min_lr: float = 1e-4  # the decay ends here
+    lr_warmup_steps: int = 10  # linear warmup from 0
+    lr_decay_style: LRDecayStyle = "cosine"  # constant | linear | cosine (to min_lr at the last step)
+    weight_decay: float = 0.01  # decoupled (AdamW)
+    adam_beta1: float = 0.9  # Adam's first-moment decay
+    adam_beta2: float = 0.95  # Adam's second-moment decay
+    adam_eps: float = 1e-8  # Adam's denominator epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 = none
 
 
 @dataclass
 class TrainingConfig:
-    train_steps: int = 100
-    micro_batch_size: int = 4
-    global_batch_size: int = 16
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    seed: int = 1234
-    eval_interval: int = 0  # 0 = never
-    eval_batches: int = 4
-    recompute_activations: bool = False
+    train_steps: int = 100  # optimizer steps (RL: GRPO steps)
+    micro_batch_size: int = 4  # rows per forward/backward on one rank
+    global_batch_size: int = 16  # rows per optimizer step over all DP ranks (pretrain/SFT/reward model)
+    precision: Precision = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    seed: int = 1234  # model init, data order and sampling
+    eval_interval: int = 0  # steps between evaluations; 0 = never
+    eval_batches: int = 4  # batches per evaluation
+    recompute_activations: bool = False  # full activation recompute (memory for compute)
     num_epochs: Optional[int] = None  # SFT: epochs over the dataset (overrides train_steps when set)
     # GRPO: pack answers into micro-batches by padded tokens (rows × longest row <= this) instead of
     # micro_batch_size rows each (verl/slime "dynamic batch size"); the gradient is the same. None: fixed rows
@@ -176,12 +183,12 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"  # tensorboard events, plots, results
-    tensorboard: bool = True
+    tensorboard: bool = True  # tensorboard events under run_dir/tensorboard
     progress: bool = True  # progress bar on rank 0
     plots: bool = True  # PNG curves at the end of a run
     wandb: bool = False  # also log the scalars and the run config to Weights & Biases (needs `pip install wandb`)
-    wandb_project: str = "megatron-r1"
-    wandb_mode: str = "offline"  # offline (no network; `wandb sync` later) | online | disabled
+    wandb_project: str = "megatron-r1"  # the W&B project runs are logged under
+    wandb_mode: WandbMode = "offline"  # offline (no network; `wandb sync` later) | online | disabled
 
 
 @dataclass
@@ -195,17 +202,20 @@ class TokenizerConfig:
 class DataConfig:
     source: str = "builtin:demo_arithmetic"  # path (.jsonl/.parquet/HF dir) or builtin:<task>
     eval_source: Optional[str] = None  # held-out set; None = the same source with split=test
-    template: str = "r1_zero"  # r1_zero | r1_chat | plain | chat (the tokenizer's chat template) | text with {prompt}
+    # r1_zero | r1_chat | plain | chat (the tokenizer's chat template): choices.BuiltinTemplate; or text with {prompt}
+    template: str = "r1_zero"
     field_map: dict = field(default_factory=dict)  # dataset column -> our field (prompt, answer, ...)
     options: dict = field(default_factory=dict)  # passed to the builtin generator (num_samples, seed, ...)
-    skip_bad_rows: bool = False
+    skip_bad_rows: bool = False  # drop (and count) rows missing a field instead of failing
 
 
 @dataclass
 class RewardConfig:
-    name: str = "accuracy"
-    weight: float = 1.0
-    options: dict = field(default_factory=dict)
+    """One term of the reward: sum over the list of weight × reward."""
+
+    name: str = "accuracy"  # a registered reward (rewards/registry.py) or `pkg.module:function`
+    weight: float = 1.0  # this term's factor in the sum
+    options: dict = field(default_factory=dict)  # keyword arguments of the reward (checked against its signature)
 
 
 @dataclass
@@ -213,16 +223,16 @@ class GenerationConfig:
     """Sampling for rollouts and evaluation (the in-engine generation server)."""
 
     temperature: float = 1.0  # R1-Zero samples at 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    max_batch_size: int = 64
-    stop: list = field(default_factory=list)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 64  # evaluation and sampling jobs (RL answers: rl.max_response_length)
+    max_batch_size: int = 64  # requests decoded together
+    stop: list[str] = field(default_factory=list)  # strings that end an answer (besides end-of-sequence)
     cuda_graphs: bool = True  # on a GPU, replay decode steps as CUDA graphs (one per batch/length bucket); eager on CPU
     # KV cache (inference/paged_cache.py): auto (paged, except contiguous rows where the fused CPU decode step
     # applies: a dense fp32 model on the CPU) | paged | contiguous (rows that grow with the running requests, in
     # power-of-two position buckets, up to max_batch_size x context; freed when the engine is idle)
-    kv_cache: str = "auto"
+    kv_cache: KVCache = "auto"
     kv_block_size: int = 16  # tokens per paged-cache block
     kv_cache_blocks: Optional[int] = None  # paged pool size in blocks; null: from kv_cache_memory_gb
     # GiB per rank the KV cache may use (also what `megatron-r1 plan` counts). Paged: the pool's size (null, with
@@ -238,29 +248,29 @@ class RLConfig:
 
     prompts_per_step: int = 32  # B
     group_size: int = 16  # G answers per prompt
-    max_prompt_length: int = 128
-    max_response_length: int = 64
+    max_prompt_length: int = 128  # longer prompts are dropped
+    max_response_length: int = 64  # generation limit of each answer
     ppo_epochs: int = 1  # μ
     mini_batch_size: int = 64  # answers per optimizer step inside an RL step
-    clip_low: float = 0.2
+    clip_low: float = 0.2  # ratio clip [1 − clip_low, 1 + clip_high]
     clip_high: float = 0.2  # DAPO clip-higher: 0.28
-    kl_coef: float = 0.001
-    kl_estimator: str = "k3"
+    kl_coef: float = 0.001  # weight of the KL penalty to the reference model; 0 = no reference model
+    kl_estimator: KLEstimator = "k3"  # k1 (log-ratio) | k2 (half squared) | k3 (unbiased, non-negative; R1)
     # seq-mean-token-mean (GRPO) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO: ÷ answers ×
     # max_response_length, a constant). The choices below are explained, with verl's and TRL's, in
     # docs/rl_conventions.md
-    loss_agg: str = "seq-mean-token-mean"
+    loss_agg: LossAgg = "seq-mean-token-mean"
     advantage_estimator: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline
     policy_loss: str = "clip"  # clip (PPO/GRPO) | dual_clip | cispo | gspo (sequence ratio)
-    advantage_std: str = "sample"  # sample (÷(N−1), verl and TRL) | population (÷N)
+    advantage_std: AdvantageStd = "sample"  # sample (÷(N−1), verl and TRL) | population (÷N)
     advantage_eps: float = 1e-6  # added to the std (verl 1e-6, TRL 1e-4)
-    singleton_advantage: str = "zero"  # a group of one answer: zero (TRL) | reward (verl: mean 0, std 1)
+    singleton_advantage: SingletonAdvantage = "zero"  # a group of one answer: zero (TRL) | reward (verl: mean 0, std 1)
     kl_clamp: Optional[float] = None  # clamp each token's KL estimate to [−kl_clamp, kl_clamp] (verl: 10)
     clip_ratio_c: float = 3.0  # dual_clip: a negative-advantage token's loss is capped at −c·A (verl: 3)
     tis_on_kl: bool = False  # the TIS weight multiplies the KL term too (verl and TRL: policy-gradient term only)
-    tis_level: str = "token"  # token: a TIS weight per token | sequence: one per answer (geometric mean)
+    tis_level: TISLevel = "token"  # token: a TIS weight per token | sequence: one per answer (geometric mean)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
-    max_refill_rounds: int = 3
+    max_refill_rounds: int = 3  # dynamic_sampling: extra generation rounds before training on fewer groups
     overlong_penalty: float = 0.0  # subtracted from answers that hit max_response_length
     tis_cap: Optional[float] = None  # truncated importance sampling cap (behaviour vs trainer)
     reference_offload: bool = False  # keep the frozen reference model's weights on the CPU
@@ -271,7 +281,8 @@ class RLConfig:
     # trainer routes differently) whether or not it is replayed. With shared_prefix the group's prompt replays
     # its first answer's record
     router_replay: bool = False
-    reflection_words: list = field(
+    # counted in answers for the rl/reflection_words metric (R1-Zero's "aha moment")
+    reflection_words: list[str] = field(
         default_factory=lambda: ["wait", "re-check", "recheck", "let me verify", "verify", "double-check", "hmm"]
     )
 
@@ -280,23 +291,23 @@ class RLConfig:
 class Config:
     """Everything one run needs. `stage` picks the job run by `megatron-r1 train`."""
 
-    stage: str = "pretrain"  # pretrain | sft | grpo | reward_model
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
-    rewards: list = field(default_factory=lambda: [RewardConfig("accuracy", 1.0), RewardConfig("format", 1.0)])
+    stage: Stage = "pretrain"  # pretrain | sft | grpo | reward_model
+    model: ModelConfig = field(default_factory=ModelConfig)  # (each section: see its class above)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # layout
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # optimizer and learning rate
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # steps, batches, precision
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving and loading
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # where scalars and plots go
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # which tokenizer
+    data: DataConfig = field(default_factory=DataConfig)  # dataset, template, field names
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # sampling and the KV cache
+    rl: RLConfig = field(default_factory=RLConfig)  # GRPO
+    # the reward: weight × reward summed over these (grpo; the pipeline's mixtures route them by prompt kind)
+    rewards: list[RewardConfig] = field(
+        default_factory=lambda: [RewardConfig("accuracy", 1.0), RewardConfig("format", 1.0)])
 
 
-STAGES = ("pretrain", "sft", "grpo", "reward_model")
-# Fields whose value is a list of dataclasses: the element type is not visible in the `list` annotation.
-LIST_ELEMENT_TYPES = {("Config", "rewards"): RewardConfig}
+STAGES = typing.get_args(Stage)
 # Fields that were replaced: loading an old config names the replacement instead of saying "unknown field".
 REMOVED_FIELDS = {
     ("RLConfig", "ratio_level"): "use rl.policy_loss (token ratio: clip; sequence ratio: gspo)",
@@ -354,9 +365,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return dict(value)
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     if tp is list or origin is list:
-        if isinstance(value, list):
-            return list(value)
-        raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        elem = (typing.get_args(tp) or (Any,))[0]
+        if dataclasses.is_dataclass(elem):
+            return [_from_dict(elem, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return list(value)
+    if origin is Literal:
+        # a string here; whether it is one of the choices is checked by validate() (configs built in code too)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(typing.get_args(tp))}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return _from_dict(tp, value, where)
     return value
@@ -379,12 +398,7 @@ def _from_dict(cls, data: Any, where: str, base=None):
             close = [n for n in names if n.startswith(key[:3])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
             raise ConfigError(f"{path}: unknown field{hint}")
-        elem = LIST_ELEMENT_TYPES.get((cls.__name__, key))
-        if elem is not None:
-            if not isinstance(value, list):
-                raise ConfigError(f"{path}: expected a list, got {value!r}")
-            coerced = [_from_dict(elem, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             coerced = _from_dict(hints[key], value, path, base=None if key == "model" else getattr(obj, key))
         else:
             coerced = _coerce(value, hints[key], path)
@@ -488,11 +502,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, source: str = "confi
 
 def _validate(cfg: Config, world_size: Optional[int]) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    _check(cfg.stage in STAGES, f"stage: unknown stage {cfg.stage!r} (choose from {', '.join(STAGES)})")
-    _check(m.arch in ("deepseek_v3", "llama", "qwen2"), f"model.arch: unknown architecture {m.arch!r}")
-    _check(m.transformer_impl in ("auto", "local", "transformer_engine", "te_standin"),
-           f"model.transformer_impl: unknown implementation {m.transformer_impl!r} "
-           "(choose from auto, local, transformer_engine, te_standin)")
+    _validate_choices(cfg, "")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
         _check(getattr(m, name) > 0, f"model.{name}: must be positive, got {getattr(m, name)}")
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
@@ -535,16 +545,12 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
                f"model.first_k_dense_replace: {m.first_k_dense_replace} must be in [0, num_layers={m.num_layers}]")
     else:
         _check(ep == 1, "parallel.expert_model_parallel_size: must be 1 for a dense model (model.num_experts unset)")
-    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend: unknown backend {p.backend!r}")
-    _check(t.precision in ("auto", "fp32", "bf16"), f"training.precision: unknown precision {t.precision!r}")
     _check(t.micro_batch_size >= 1, f"training.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"training.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size "
            f"({t.micro_batch_size})")
     o = cfg.optimizer
     _check(o.lr > 0, f"optimizer.lr: must be positive, got {o.lr}")
-    _check(o.lr_decay_style in ("constant", "linear", "cosine"),
-           f"optimizer.lr_decay_style: unknown style {o.lr_decay_style!r}")
     r = cfg.rl
     from megatron_r1.ops.registry import advantage_estimators, policy_losses
 
@@ -558,19 +564,11 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
            f"rl.group_size: {r.advantage_estimator} compares answers within a group, and with one answer per group "
            f"every advantage is 0 (rl.singleton_advantage=zero); use G >= 2, rl.singleton_advantage=reward or "
            f"rl.advantage_estimator=reinforce_plus_plus")
-    _check(r.advantage_std in ("sample", "population"), f"rl.advantage_std: unknown {r.advantage_std!r}")
-    _check(r.singleton_advantage in ("zero", "reward"), f"rl.singleton_advantage: unknown {r.singleton_advantage!r}")
     _check(r.advantage_eps >= 0, f"rl.advantage_eps: must be >= 0, got {r.advantage_eps}")
     _check(r.kl_clamp is None or r.kl_clamp > 0, f"rl.kl_clamp: must be positive or null, got {r.kl_clamp}")
     _check(r.clip_ratio_c > 1, f"rl.clip_ratio_c: must be > 1, got {r.clip_ratio_c}")
-    _check(r.tis_level in ("token", "sequence"), f"rl.tis_level: unknown level {r.tis_level!r}")
     _check(t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
            f"training.max_tokens_per_micro_batch: must be >= 1 or null, got {t.max_tokens_per_micro_batch}")
-    _check(cfg.logging.wandb_mode in ("offline", "online", "disabled"),
-           f"logging.wandb_mode: unknown mode {cfg.logging.wandb_mode!r} (offline, online, disabled)")
-    _check(r.kl_estimator in ("k1", "k2", "k3"), f"rl.kl_estimator: unknown estimator {r.kl_estimator!r}")
-    _check(r.loss_agg in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
-           f"rl.loss_agg: unknown aggregation {r.loss_agg!r}")
     _check(0 <= r.clip_low <= 1 and r.clip_high >= 0, "rl.clip_low/clip_high: need 0 <= clip_low <= 1, clip_high >= 0")
     _check((r.prompts_per_step * r.group_size) % r.mini_batch_size == 0,
            f"rl.mini_batch_size: {r.mini_batch_size} does not divide prompts_per_step × group_size "
@@ -587,18 +585,30 @@ def _validate(cfg: Config, world_size: Optional[int]) -> None:
            "rl.router_replay: only meaningful for MoE models (model.num_experts is unset: a dense model has no "
            "routing to replay)")
     gen = cfg.generation
-    _check(gen.kv_cache in ("auto", "paged", "contiguous"),
-           f"generation.kv_cache: unknown cache {gen.kv_cache!r} (auto, paged, contiguous)")
     _check(gen.kv_block_size >= 1, f"generation.kv_block_size: must be >= 1, got {gen.kv_block_size}")
     _check(gen.kv_cache_blocks is None or gen.kv_cache_blocks >= 2,
            f"generation.kv_cache_blocks: must be >= 2 or null, got {gen.kv_cache_blocks}")
     _check(gen.kv_cache_memory_gb is None or gen.kv_cache_memory_gb > 0,
            f"generation.kv_cache_memory_gb: must be positive or null, got {gen.kv_cache_memory_gb}")
-    _check(cfg.data.template in ("r1_zero", "r1_chat", "plain", "chat") or "{prompt}" in cfg.data.template,
-           f"data.template: unknown template {cfg.data.template!r} (r1_zero, r1_chat, plain, chat, or text "
+    templates = typing.get_args(BuiltinTemplate)
+    _check(cfg.data.template in templates or "{prompt}" in cfg.data.template,
+           f"data.template: unknown template {cfg.data.template!r} ({', '.join(templates)}, or text "
            f"containing {{prompt}})")
     if world_size is not None:
         validate_world_size(cfg.parallel, world_size)
+
+
+def _validate_choices(section: Any, where: str) -> None:
+    """Every field typed with a choice (choices.py) holds one of its names; sections are walked recursively."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp, path = getattr(section, f.name), hints[f.name], f"{where}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            _validate_choices(value, f"{path}.")
+        elif typing.get_origin(tp) is Literal:
+            names = typing.get_args(tp)
+            _check(value in names, f"{path}: unknown {NOUNS.get(tp, 'value')} {value!r} (choose from "
+                                   f"{', '.join(names)})")
 
 
 def _validate_pipeline_split(m: ModelConfig, p: ParallelConfig) -> None:

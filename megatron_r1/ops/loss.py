@@ -5,15 +5,17 @@ each chunk of tokens and differentiates it locally. The policy losses (`clip`, `
 per-token surrogates registered by name (registry.py); docs/rl_conventions.md compares each with verl and TRL.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, get_args
 
 import torch
 
+from megatron_r1.choices import KLEstimator, LossAgg, TISLevel
+
 from .registry import get_policy_loss, register_policy_loss
 
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
-TIS_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = get_args(KLEstimator)  # k1, k2, k3 (the CUDA kernel numbers them 1, 2, 3)
+LOSS_AGGS = get_args(LossAgg)
+TIS_LEVELS = get_args(TISLevel)
 # exp() of a k3 log-ratio beyond this overflows float32 long before the value clamp could help (verl's bound)
 _K3_LOG_RATIO_BOUND = 20.0
 
