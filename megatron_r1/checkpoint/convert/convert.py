@@ -227,6 +227,15 @@ def _run_ranks(job: _Job, world: int) -> None:
             raise CheckpointError(f"conversion failed on {errors[0].name if errors else 'a rank'}: {text.strip()}")
 
 
+def _target_layout(m: ModelConfig, tp: int, pp: int, ep: int) -> dict:
+    """The ParallelConfig fields of the layout a conversion writes (expert TP 1), checked against the model."""
+    parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                    expert_tensor_parallel_size=1)
+    validate(Config(model=m, parallel=ParallelConfig(**parallel)), world_size=tp * pp * ep,
+             source="--tp/--pp/--ep")
+    return parallel
+
+
 def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, model: Optional[str] = None,
                         tp: int = 1, pp: int = 1, ep: int = 1, force: bool = False, progress: bool = True) -> Path:
     """Convert the HF checkpoint in `load` to a Megatron checkpoint directory `save`; returns `save`.
@@ -243,10 +252,7 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, model:
         has_mtp = any(n.startswith(f"model.layers.{n_layers}.") for n in hf.names())
         m, opts = model_config_from_hf(hf.config, str(hf.path / "config.json"), has_mtp=has_mtp)
         precision, dtypes = _precision_of(hf)
-    parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-                    expert_tensor_parallel_size=1)
-    validate(Config(model=m, parallel=ParallelConfig(**parallel)), world_size=tp * pp * ep,
-             source="--tp/--pp/--ep")
+    parallel = _target_layout(m, tp, pp, ep)
     with atomic_output(save, force) as tmp:
         hf_out = tmp / HF_DIR
         hf_out.mkdir()
@@ -284,10 +290,7 @@ def reshard_mcore(load: str | os.PathLike, save: str | os.PathLike, tp: int = 1,
     """
     src = resolve_mcore_dir(load)
     m, precision = read_model_config(src)
-    parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-                    expert_tensor_parallel_size=1)
-    validate(Config(model=m, parallel=ParallelConfig(**parallel)), world_size=tp * pp * ep,
-             source="--tp/--pp/--ep")
+    parallel = _target_layout(m, tp, pp, ep)
     from megatron_r1.checkpoint.layout import iteration_dir_name, write_latest
 
     with atomic_output(save, force) as tmp:
