@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from megatron_r1.checkpoint.convert import convert_hf_to_mcore, convert_mcore_to_hf
-from megatron_r1.config import config_from_dict
 from megatron_r1.errors import ConfigError
 from tests.checkpoint.hf_assets import write_tiny_tokenizer
+from tests.rl.common import grpo_config
 
 VOCAB = 300
 
@@ -37,22 +37,20 @@ def converted(tmp_path_factory):
 
 
 def _grpo(tmp, load, model: dict, **extra):
-    data = {
-        "stage": "grpo", "model": model,
-        "data": {"source": "builtin:demo_arithmetic", "template": "Q: {prompt}\nA:",
-                 "options": {"num_samples": 32, "seed": 1}},
-        "training": {"train_steps": 2, "micro_batch_size": 8, "global_batch_size": 8, "seed": 5},
-        "optimizer": {"lr": 1e-3, "min_lr": 1e-3, "lr_warmup_steps": 0, "lr_decay_style": "constant"},
-        "rl": {"prompts_per_step": 2, "group_size": 4, "max_prompt_length": 96, "max_response_length": 6,
-               "mini_batch_size": 8, "kl_coef": 0.0},
-        "generation": {"temperature": 1.0, "max_batch_size": 8},
+    """The RL tests' tiny GRPO run (tests/rl/common.py) on the converted model, with the tokenizer left unset."""
+    sections = {
+        "model": model, "tokenizer": None,  # `model` has every field: nothing of the tiny default remains
+        "data": {"template": "Q: {prompt}\nA:", "options": {"num_samples": 32, "seed": 1}},
+        "training": {"train_steps": 2, "micro_batch_size": 8, "global_batch_size": 8},
+        "rl": {"prompts_per_step": 2, "max_prompt_length": 96, "max_response_length": 6, "mini_batch_size": 8},
+        "generation": {"max_batch_size": 8},
         "rewards": [{"name": "tests.rl.plugin_rewards:digit_share"}],
-        "logging": {"run_dir": f"{tmp}/run", "progress": False, "plots": False, "tensorboard": False},
-        "checkpoint": {"save": f"{tmp}/ckpt", "load": str(load), "save_interval": 1},
+        "logging": {"tensorboard": False},
+        "checkpoint": {"load": str(load), "save_interval": 1},
     }
     for k, v in extra.items():
-        data[k] = {**data.get(k, {}), **v}
-    return config_from_dict(data)
+        sections[k] = {**(sections.get(k) or {}), **v}
+    return grpo_config(tmp, **sections)
 
 
 def _model_section(mcore: Path) -> dict:
@@ -81,6 +79,7 @@ def test_demo_tokenizer_is_refused_for_a_larger_model_without_one(converted, tmp
         _grpo(tmp_path, bare, dict(_model_section(mcore), vocab_size=1000))
 
 
+@pytest.mark.slow
 def test_grpo_from_converted_checkpoint_then_export(converted, tmp_path, caplog):
     import transformers as tf
 

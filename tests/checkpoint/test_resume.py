@@ -15,17 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from tests.distributed import run_distributed
+from tests.presets import tiny_deepseek_v3
 
 N = 6
-MODEL = {"preset": "deepseek_v3_tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-         "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16,
-         "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "moe_ffn_hidden_size": 64,
-         "moe_shared_expert_intermediate_size": 64, "vocab_size": 384, "seq_length": 48,
-         "max_position_embeddings": 64}
+MODEL = tiny_deepseek_v3(seq_length=48, max_position_embeddings=64)
 
 
 def _config(tmp: Path, name: str) -> Path:
@@ -98,6 +96,7 @@ def _final_weights(rank, world_size, config: str, ckpt_dirs: list[str]):
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_straight_run(tmp_path):
     docs = [f"User: {a}*{b}. Assistant: <answer> {a * b} </answer>" for a in range(12) for b in range(12)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs))

@@ -34,6 +34,28 @@ def make_model(preset: str, seed: int = 0, std: float = 0.05, **overrides):
     return model
 
 
+def sharded_models(state_files: dict):
+    """Inside a spawned rank: each saved model (`{preset: path of its full state dict}`) rebuilt at TP=2 and, for
+    the MoE preset, at EP=2, with the full weights loaded into this rank's shard. Yields (preset, layout, model,
+    full state dict)."""
+    from megatron_r1.config import ParallelConfig
+    from megatron_r1.inference import weights
+    from megatron_r1.models import build_model, get_preset
+    from megatron_r1.parallel import init_parallel
+
+    layouts = {"tp2": ParallelConfig(tensor_model_parallel_size=2),
+               "ep2": ParallelConfig(expert_model_parallel_size=2)}
+    for preset, path in state_files.items():
+        full = torch.load(path)
+        for name, layout in layouts.items():
+            if name == "ep2" and preset != "deepseek_v3_tiny":
+                continue
+            init_parallel(layout)
+            model = build_model(get_preset(preset), layout, "fp32").eval()
+            weights.load_full_state_dict(model, full)
+            yield preset, name, model, full
+
+
 @pytest.fixture(scope="session")
 def models(parallel_tp1):
     return {name: make_model(name) for name in ("deepseek_v3_tiny", "llama_tiny", "qwen2_tiny")}

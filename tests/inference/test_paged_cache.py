@@ -12,7 +12,7 @@ from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.paged_cache import PagedKVCache, blocks_for_memory, bytes_per_token
 from tests.distributed import run_distributed
 
-from .conftest import make_model
+from .conftest import make_model, sharded_models
 from .test_engine import _prompts
 
 PRESETS = ["deepseek_v3_tiny", "llama_tiny", "qwen2_tiny"]  # MLA + MoE, dense GQA, dense with QKV bias
@@ -209,27 +209,14 @@ def _generate(model, **kw):
 
 
 def _rank_fn(rank, world, state_files):
-    from megatron_r1.config import ParallelConfig
-    from megatron_r1.inference import weights
-    from megatron_r1.models import build_model, get_preset
-    from megatron_r1.parallel import init_parallel
-
     out = {}
-    layouts = {"tp2": ParallelConfig(tensor_model_parallel_size=2),
-               "ep2": ParallelConfig(expert_model_parallel_size=2)}
-    for preset, path in state_files.items():
-        full = torch.load(path)
-        for name, layout in layouts.items():
-            if name == "ep2" and preset != "deepseek_v3_tiny":
-                continue
-            init_parallel(layout)
-            model = build_model(get_preset(preset), layout, "fp32").eval()
-            weights.load_full_state_dict(model, full)
-            # a pool of 10 blocks of 4 tokens for 4 slots of 32: preemption, decided alike on every rank
-            out[(preset, name)] = _generate(model, kv_cache="paged", kv_block_size=4, kv_cache_blocks=11)
+    for preset, name, model, _ in sharded_models(state_files):
+        # a pool of 10 blocks of 4 tokens for 4 slots of 32: preemption, decided alike on every rank
+        out[(preset, name)] = _generate(model, kv_cache="paged", kv_block_size=4, kv_cache_blocks=11)
     return out
 
 
+@pytest.mark.slow
 def test_paged_tp2_ep2_with_preemption_equal_contiguous_tp1(parallel_tp1, tmp_path):
     from megatron_r1.inference import weights
 

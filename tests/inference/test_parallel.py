@@ -1,10 +1,11 @@
 """TP=2 and EP=2 generation equal TP=1 (same weights, resharded in memory), and ranks agree on every token."""
+import pytest
 import torch
 
 from megatron_r1.inference import Engine, SamplingParams
 from tests.distributed import run_distributed
 
-from .conftest import make_model
+from .conftest import make_model, sharded_models
 
 PROMPTS = [[5, 17, 300, 42, 9], [100, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14], [400, 401]]
 SAMPLING = [SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0, max_tokens=5),
@@ -18,30 +19,19 @@ def _generate(model):
 
 
 def _rank_fn(rank, world, state_files):
-    from megatron_r1.config import ParallelConfig
     from megatron_r1.inference import weights
-    from megatron_r1.models import build_model, get_preset
-    from megatron_r1.parallel import init_parallel
 
     torch.manual_seed(100 + rank)  # different init per rank: only the loaded weights can make outputs agree
     out = {}
-    layouts = {"tp2": ParallelConfig(tensor_model_parallel_size=2),
-               "ep2": ParallelConfig(expert_model_parallel_size=2)}
-    for preset, path in state_files.items():
-        full = torch.load(path)
-        for name, layout in layouts.items():
-            if name == "ep2" and preset != "deepseek_v3_tiny":
-                continue
-            init_parallel(layout)
-            model = build_model(get_preset(preset), layout, "fp32").eval()
-            weights.load_full_state_dict(model, full)
-            # gathering back reproduces the original tensors (the layout-differs refit path, both directions)
-            back = weights.full_state_dict(model)
-            gather_err = max((back[k] - full[k]).abs().max().item() for k in full)
-            out[(preset, name)] = (_generate(model), gather_err, sorted(back) == sorted(full))
+    for preset, name, model, full in sharded_models(state_files):
+        # gathering back reproduces the original tensors (the layout-differs refit path, both directions)
+        back = weights.full_state_dict(model)
+        gather_err = max((back[k] - full[k]).abs().max().item() for k in full)
+        out[(preset, name)] = (_generate(model), gather_err, sorted(back) == sorted(full))
     return out
 
 
+@pytest.mark.slow
 def test_tp2_and_ep2_equal_tp1(parallel_tp1, tmp_path):
     from megatron_r1.inference import weights
 

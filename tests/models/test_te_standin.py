@@ -10,12 +10,9 @@ from megatron_r1.config import config_from_dict
 from megatron_r1.errors import ConfigError
 from megatron_r1.parallel import cpu_compat
 from tests.distributed import run_distributed
+from tests.presets import tiny_deepseek_v3
 
-TINY = {"preset": "deepseek_v3_tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-        "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16,
-        "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "moe_ffn_hidden_size": 64,
-        "moe_shared_expert_intermediate_size": 64, "vocab_size": 384, "seq_length": 32,
-        "max_position_embeddings": 64}
+TINY = tiny_deepseek_v3(seq_length=32, max_position_embeddings=64)
 
 
 def _cfg(impl, tp=1, preset_fields=TINY):
@@ -75,6 +72,7 @@ def _train_both(rank, world, steps):
     return losses, diff, len(fused)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_standin_trains_like_the_local_spec(world):
     """Same losses step by step and the same weights after 3 Adam steps (TP = 2: sequence-parallel MLA + MoE)."""

@@ -12,17 +12,17 @@ import re
 
 import torch
 
+from tests.presets import as_overrides, tiny_deepseek_v3
+
 SEQ = 32
 MICRO_BATCH = 2
 NUM_MICRO = 4  # micro-batches of one global batch at data-parallel size 1
 VOCAB = 256
 
-TINY = [
-    "model.preset=deepseek_v3_tiny", "model.hidden_size=64", "model.ffn_hidden_size=128",
-    "model.moe_ffn_hidden_size=64", "model.moe_shared_expert_intermediate_size=64", "model.q_lora_rank=32",
-    "model.kv_lora_rank=16", "model.qk_head_dim=16", "model.qk_pos_emb_head_dim=8", "model.v_head_dim=16",
-    f"model.vocab_size={VOCAB}", f"model.seq_length={SEQ}", "model.max_position_embeddings=64",
-    "model.original_max_position_embeddings=32", "model.rotary_scaling_factor=2.0",
+TINY = as_overrides(tiny_deepseek_v3(
+    # the preset's 4 layers (pipeline stages of 2) and 4 heads (split by TP=2)
+    num_layers=4, num_attention_heads=4, vocab_size=VOCAB, seq_length=SEQ, max_position_embeddings=64,
+    original_max_position_embeddings=32, rotary_scaling_factor=2.0)) + [
     "training.precision=fp32", f"training.micro_batch_size={MICRO_BATCH}",
     f"training.global_batch_size={MICRO_BATCH * NUM_MICRO}",
     # No warm-up: the first step already moves the weights, so step 2 checks the optimizer update too.

@@ -299,28 +299,27 @@ def test_control_process_quota_is_shared_when_runs_share_a_uid(shared_uid):
     assert sum(counts) < 2 * 20, counts
 
 
-# Four processes of 100 MB each: every one is under the per-process address-space limit, together over the run's.
-HOG = """
+def forking(n: int, child: str, done: str) -> str:
+    """A program that forks `n` children running `child` (one line), waits for all of them and prints `done` if
+    every one exited cleanly: n processes that are each under a per-process limit and together over the run's."""
+    return f"""
 import os, time
 kids = []
-for _ in range(4):
+for _ in range({n}):
     pid = os.fork()
     if pid == 0:
-        block = bytearray(100 << 20)
-        block[::4096] = b"x" * len(block[::4096])
-        time.sleep(2)
+        {child}
         os._exit(0)
     kids.append(pid)
-ok = all(os.waitpid(k, 0)[1] == 0 for k in kids)
-print("held 400 MB" if ok else "a hog died")
+statuses = [os.waitpid(k, 0)[1] for k in kids]
+print({done!r} if not any(statuses) else "a child died")
 """
+
+
+# Four processes of 100 MB each: every one is under the per-process address-space limit, together over the run's.
+HOG = forking(4, 'block = bytearray(100 << 20); block[::4096] = b"x" * len(block[::4096]); time.sleep(2)',
+              "held 400 MB")
 HOG_LIMITS = SandboxLimits(wall_seconds=30.0, cpu_seconds=5, memory_mb=160, max_processes=16)
-
-
-@with_cgroups
-def test_memory_quota_covers_all_processes_of_a_run():
-    r = run(HOG, True, limits=HOG_LIMITS)
-    assert "held 400 MB" not in r.stdout and r.oom_killed, r
 
 
 @control
@@ -330,27 +329,17 @@ def test_control_memory_hog_succeeds_with_per_process_limits_only():
 
 
 # Three processes each spinning for 0.9 s of CPU: each is under RLIMIT_CPU, together over the run's 1 s.
-SPINNERS = """
-import os, time
-kids = []
-for _ in range(3):
-    pid = os.fork()
-    if pid == 0:
-        while time.process_time() < 0.9:
-            pass
-        os._exit(0)
-    kids.append(pid)
-for k in kids:
-    os.waitpid(k, 0)
-print("all done")
-"""
+SPINNERS = forking(3, "while time.process_time() < 0.9: pass", "all done")
 CPU_LIMITS = SandboxLimits(wall_seconds=60.0, cpu_seconds=1, memory_mb=128, max_processes=16, cpu_cores=2.0)
 
 
 @with_cgroups
-def test_cpu_time_quota_covers_all_processes_of_a_run():
-    r = run(SPINNERS, True, limits=CPU_LIMITS)
-    assert "all done" not in r.stdout and r.timed_out, r
+@pytest.mark.parametrize("program,limits,printed,stopped_by", [
+    (HOG, HOG_LIMITS, "held 400 MB", "oom_killed"), (SPINNERS, CPU_LIMITS, "all done", "timed_out"),
+], ids=["memory", "cpu_time"])
+def test_quota_covers_all_processes_of_a_run(program, limits, printed, stopped_by):
+    r = run(program, True, limits=limits)
+    assert printed not in r.stdout and getattr(r, stopped_by), r
 
 
 @isolated

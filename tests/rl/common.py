@@ -1,14 +1,13 @@
 """A tiny GRPO config shared by the RL tests."""
 from megatron_r1.config import config_from_dict
+from tests.presets import tiny_deepseek_v3
 
-TINY = {"preset": "deepseek_v3_tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-        "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16,
-        "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "moe_ffn_hidden_size": 64,
-        "moe_shared_expert_intermediate_size": 64, "vocab_size": 384, "seq_length": 128,
-        "max_position_embeddings": 160}
+TINY = tiny_deepseek_v3(seq_length=128, max_position_embeddings=160)
 
 
 def grpo_config(tmp, overrides=(), **sections):
+    """The tiny GRPO run's config under `tmp`; a section given as a dict is merged into the default one (one level),
+    anything else replaces it, and None drops it (the field's default applies)."""
     base = {
         "stage": "grpo", "model": dict(TINY), "tokenizer": {"path": "builtin:demo"},
         "data": {"source": "builtin:demo_arithmetic", "template": "plain", "options": {"num_samples": 64, "seed": 1}},
@@ -22,5 +21,8 @@ def grpo_config(tmp, overrides=(), **sections):
         "checkpoint": {"save": f"{tmp}/ckpt", "save_interval": 0},
     }
     for k, v in sections.items():
-        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+        if v is None:
+            base.pop(k, None)
+        else:
+            base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return config_from_dict(base, list(overrides))

@@ -1,16 +1,14 @@
 """The shared training step and the LM pre-training stage, in one process (gloo world of 1)."""
 import math
 
+import pytest
 import torch
 
 from megatron_r1.config import config_from_dict
 from tests.distributed import run_distributed
+from tests.presets import tiny_deepseek_v3
 
-TINY = {"preset": "deepseek_v3_tiny", "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128,
-        "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16,
-        "qk_pos_emb_head_dim": 8, "v_head_dim": 16, "moe_ffn_hidden_size": 64,
-        "moe_shared_expert_intermediate_size": 64, "vocab_size": 384, "seq_length": 96,
-        "max_position_embeddings": 128}
+TINY = tiny_deepseek_v3(seq_length=96, max_position_embeddings=128)
 
 
 def _corpus(path, n=400):
@@ -32,6 +30,7 @@ def _pretrain(rank, world, tmp, steps):
     return run_pretrain(cfg)
 
 
+@pytest.mark.slow
 def test_pretrain_lowers_the_loss_and_writes_everything(tmp_path):
     _corpus(tmp_path / "corpus.txt")
     (last,) = run_distributed(_pretrain, 1, str(tmp_path), 14)
@@ -80,6 +79,7 @@ def _nan_step(rank, world):
     return bad.skipped, same, good.skipped, changed, state.extra.get("skipped_steps")
 
 
+@pytest.mark.slow
 def test_nan_loss_skips_the_step_and_keeps_weights():
     bad_skipped, same, good_skipped, changed, count = run_distributed(_nan_step, 1)[0]
     assert bad_skipped and same and count == 1
