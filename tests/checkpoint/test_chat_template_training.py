@@ -61,6 +61,7 @@ def _config(tmp, mcore, stage: str, **extra):
     return config_from_dict(data)
 
 
+@pytest.mark.slow
 def test_sft_rows_start_with_hf_chat_template_ids(smol_tiny, tmp_path, monkeypatch):
     import megatron_r1.sft.trainer as sft_trainer
 
@@ -90,6 +91,7 @@ def test_sft_rows_start_with_hf_chat_template_ids(smol_tiny, tmp_path, monkeypat
     assert (tmp_path / "sft_ckpt" / "latest").read_text().strip() == "iter_0000002"
 
 
+@pytest.mark.slow
 def test_grpo_rollout_prompts_are_hf_chat_template_ids(smol_tiny, tmp_path, monkeypatch):
     import megatron_r1.rl.trainer as rl_trainer
 

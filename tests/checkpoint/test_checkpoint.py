@@ -82,6 +82,7 @@ def _roundtrip(rank, world_size, save_dir):
     return True
 
 
+@pytest.mark.slow
 def test_save_load_restores_everything_and_continues_identically(tmp_path):
     run_distributed(_roundtrip, 1, str(tmp_path / "ckpt"))
 
@@ -129,6 +130,7 @@ def _crash_mid_save(rank, world_size, save_dir):
     return True
 
 
+@pytest.mark.slow
 def test_crash_mid_save_keeps_previous_checkpoint_and_is_cleaned_next_time(tmp_path):
     run_distributed(_crash_mid_save, 1, str(tmp_path / "ckpt"))
 
@@ -143,6 +145,7 @@ def _keep_last(rank, world_size, save_dir):
     return sorted(p.name for p in Path(save_dir).iterdir())
 
 
+@pytest.mark.slow
 def test_keep_last_removes_older_iterations(tmp_path):
     names = run_distributed(_keep_last, 1, str(tmp_path / "ckpt"))[0]
     assert names == ["iter_0000002", "iter_0000003", "latest"]
@@ -210,6 +213,7 @@ def _damage_cases(saved: Path, tmp: Path):
     ]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_raise_checkpoint_error_naming_the_path(saved, tmp_path):
     cases = _damage_cases(saved, tmp_path)
     empty = tmp_path / "empty"
@@ -226,6 +230,7 @@ def test_damaged_checkpoints_raise_checkpoint_error_naming_the_path(saved, tmp_p
     assert kind == "error" and str(empty) in msg
 
 
+@pytest.mark.slow
 def test_layout_verification_without_processes(saved, tmp_path):
     """The file-level checks alone (no ranks needed): they run before any collective on every rank."""
     from megatron_r1.checkpoint import layout
@@ -287,6 +292,7 @@ def _reshard_back(rank, world_size, src_dir):
     return tm.pack((_logits(state), state.step))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
 def test_checkpoint_loads_into_another_layout_and_back(tmp_path, tp, ep):
     """TP=1 → (TP=2 | EP=2) → TP=1: after each load the logits equal the saving layout's; the optimizer state

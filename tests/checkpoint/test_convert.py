@@ -169,6 +169,7 @@ def _tp2_rank(rank, world, mcore_dirs, hf_dirs, tokens):
     return results
 
 
+@pytest.mark.slow
 def test_logits_match_hf_tp2(converted):
     mcore = {a: str(converted[a][1]) for a in ARCHS}
     hf = {a: str(converted[a][0]) for a in ARCHS}

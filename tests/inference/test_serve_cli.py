@@ -6,6 +6,7 @@ import sys
 import time
 
 import httpx
+import pytest
 import torch
 
 from .test_server import _free_port
@@ -48,6 +49,7 @@ def _start(tmp_path):
     raise AssertionError("no free port")
 
 
+@pytest.mark.slow
 def test_serve_preset_and_sigterm(tmp_path):
     proc, base = _start(tmp_path)
     try:

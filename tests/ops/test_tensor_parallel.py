@@ -1,4 +1,5 @@
 """token_logprobs and logprobs_from_logits with a 2-rank gloo TP group equal the single-process result."""
+import pytest
 import torch
 
 from megatron_r1.ops import _tp, chunked
@@ -65,10 +66,12 @@ def _check(results):
             torch.testing.assert_close(g_w, want[3][rank * shard:(rank + 1) * shard], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunked_tp2_equals_single_process():
     _check(run_distributed(_rank, 2, "torch"))
 
 
+@pytest.mark.slow
 def test_reference_tp2_equals_single_process():
     _check(run_distributed(_rank, 2, "reference"))
 
@@ -106,6 +109,7 @@ def _rank_fused(rank, world):
     return _fused_loss_grads(hid, w[rank * shard:(rank + 1) * shard], group, TorchRows())
 
 
+@pytest.mark.slow
 def test_fused_loss_tp2_equals_single_process():
     hid, w = _fused_inputs()[:2]
     want = [torch.from_numpy(a) for a in _fused_loss_grads(hid, w, None, None)]

@@ -179,6 +179,7 @@ def _all_to_all(rank, world_size):
     return raw_error, out.tolist()
 
 
+@pytest.mark.slow
 def test_gloo_all_to_all_rejects_tensor_splits_and_the_bridge_converts_them():
     (err0, out0), (err1, out1) = run_distributed(_all_to_all, 2)
     assert err0 and err1, "gloo accepted tensor split sizes: the all-to-all bridge (7) is no longer needed"
@@ -223,6 +224,7 @@ def _tied_pp2(rank, world_size):
     return model.shared_embedding_or_output_weight().detach().clone()
 
 
+@pytest.mark.slow
 def test_tied_embedding_setup_needs_the_bridge_and_copies_the_first_stage():
     raw = pristine("megatron.core.models.common.language_module.language_module")
     source = inspect.getsource(raw.LanguageModule.setup_embeddings_and_output_layer)

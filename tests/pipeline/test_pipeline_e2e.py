@@ -5,13 +5,14 @@ all, and a re-run with a changed stage must refuse to reuse that stage's old out
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.distributed import reaped
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "pipelines" / "r1_tiny.yaml"
@@ -28,19 +29,12 @@ def run_pipeline(run_dir, *args, env=None, timeout=600):
     logs.mkdir(parents=True, exist_ok=True)
     n = len(list(logs.glob("*.out")))
     out, err = logs / f"{n}.out", logs / f"{n}.err"
-    with out.open("w") as fo, err.open("w") as fe:
-        # Its own session, killed as a group afterwards: a SIGKILLed pipeline's checkpoint-writer helpers would
-        # otherwise live on under pid 1 (seen: one holding ~570 MB after the suite).
+    # Its own session, and every process it left ended afterwards (reaped): a SIGKILLed pipeline's checkpoint-writer
+    # helpers would otherwise live on under pid 1 (seen: one holding ~570 MB after the suite).
+    with out.open("w") as fo, err.open("w") as fe, reaped():
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fo, stderr=fe, env={**os.environ, **(env or {})},
                                 start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        returncode = proc.wait(timeout=timeout)
     return subprocess.CompletedProcess(cmd, returncode, out.read_text(), err.read_text())
 
 
@@ -60,6 +54,7 @@ def stage_config(run_dir, name):
     return yaml.safe_load((run_dir / name / "config.yaml").read_text())
 
 
+@pytest.mark.slow
 def test_every_stage_finished_with_its_artefacts(run):
     run_dir, proc = run
     for name in STAGES:
@@ -72,6 +67,7 @@ def test_every_stage_finished_with_its_artefacts(run):
         assert (run_dir / name / "metrics.jsonl").is_file(), name
 
 
+@pytest.mark.slow
 def test_each_stage_starts_from_the_one_before(run):
     run_dir, _ = run
     expected = {"cold_start": "base", "reasoning_rl": "cold_start", "rs_sft": "base", "reward_model": "rs_sft",
@@ -88,6 +84,7 @@ def test_each_stage_starts_from_the_one_before(run):
     assert max(steps) == -(-2 * rows // 8)  # two epochs at global batch 8
 
 
+@pytest.mark.slow
 def test_rejection_sampling_output(run):
     run_dir, proc = run
     out = run_dir / "rejection_sampling"
@@ -109,6 +106,7 @@ def test_rejection_sampling_output(run):
         assert name in proc.stdout
 
 
+@pytest.mark.slow
 def test_all_scenario_rl_mixes_and_routes(run):
     run_dir, _ = run
     prompts = jsonl(run_dir / "all_scenario_rl" / "prompts.jsonl")
@@ -122,6 +120,7 @@ def test_all_scenario_rl_mixes_and_routes(run):
     assert json.loads((run_dir / "reward_model" / "reward_model_eval.json").read_text())["heldout_pairs"] > 0
 
 
+@pytest.mark.slow
 def test_distilled_student(run):
     run_dir, _ = run
     d = run_dir / "distill"
@@ -136,6 +135,7 @@ def test_distilled_student(run):
     assert ev["num_problems"] == 4 and ev["k"] == 2 and 0.0 <= ev["pass@1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_report(run):
     run_dir, _ = run
     md = (run_dir / "report.md").read_text()
@@ -149,6 +149,7 @@ def test_report(run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_refuses_changed_ones(run):
     run_dir, _ = run
     markers = {n: (run_dir / n / "STAGE_DONE.json").read_text() for n in STAGES}
@@ -167,6 +168,7 @@ def test_rerun_skips_finished_stages_and_refuses_changed_ones(run):
     assert "base (train): done" in changed.stdout  # the unchanged stage before it was still skipped
 
 
+@pytest.mark.slow
 def test_sample_command_on_the_reasoning_checkpoint(run, tmp_path):
     """`megatron-r1 sample CONFIG k=v` by itself: the stage config plus a `sampling:` section, overrides to both."""
     run_dir, _ = run

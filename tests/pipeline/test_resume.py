@@ -6,9 +6,12 @@ clean up; `--until cold_start` keeps the test to the first two stages.
 import json
 import signal
 
+import pytest
+
 from tests.pipeline.test_pipeline_e2e import jsonl, run_pipeline
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
     run_dir = tmp_path / "r1"
     killed = run_pipeline(run_dir, "--until", "cold_start", env={"MEGATRON_R1_TEST_KILL_AFTER_STEP": "3"})

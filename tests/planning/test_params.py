@@ -136,6 +136,7 @@ SINGLE = [
 ]
 
 
+@pytest.mark.slow
 def test_counts_equal_megatron_model_single_process():
     from tests.distributed import run_distributed
 

@@ -1,6 +1,8 @@
 """The neural reward model: Bradley–Terry training beats chance on held-out pairs, and it scores as a reward."""
 import json
 
+import pytest
+
 from megatron_r1.config import config_from_dict
 from tests.distributed import run_distributed
 from tests.rl.common import TINY
@@ -25,6 +27,7 @@ def _train_and_score(rank, world, tmp):
     return good, bad
 
 
+@pytest.mark.slow
 def test_reward_model_learns_preferences_and_scores(tmp_path):
     ((good, bad),) = run_distributed(_train_and_score, 1, str(tmp_path))
     ev = json.loads((tmp_path / "run" / "reward_model_eval.json").read_text())

@@ -164,6 +164,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_estimator_or_loss_raises_the_reward(tmp_path, case):
     # two mini-batches per step: the second one's ratios are off 1, so the losses differ from plain PPO's

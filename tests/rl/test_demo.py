@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from megatron_r1.rl.demo_base import LOSS_CURVE, SHIPPED, WEIGHTS, read_provenance
 
 
@@ -28,6 +30,7 @@ def run_demo(run_dir, *flags):
     return r, results
 
 
+@pytest.mark.slow
 def test_demo_quick_from_the_shipped_base(tmp_path):
     run_dir = tmp_path / "demo"
     r, results = run_demo(run_dir)
@@ -44,6 +47,7 @@ def test_demo_quick_from_the_shipped_base(tmp_path):
     assert 0.0 <= ev["pass@1"] <= 1.0 and 0.0 <= ev["cons@2"] <= 1.0 and ev["mean_length"] > 0
 
 
+@pytest.mark.slow
 def test_demo_quick_pretrain_rebuilds_a_base_with_provenance(tmp_path):
     run_dir = tmp_path / "demo"
     r, results = run_demo(run_dir, "--pretrain")

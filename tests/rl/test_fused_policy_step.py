@@ -76,6 +76,7 @@ def _run(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_trainer_update_is_the_fused_loss_with_the_composed_paths_numbers():
     (out,) = run_distributed(_run, 1)
     for case in CASES:

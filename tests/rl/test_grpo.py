@@ -1,6 +1,7 @@
 """GRPO end to end on CPU: it learns, it survives NaNs and failing rewards, and TP=2 equals TP=1."""
 import math
 
+import pytest
 import torch
 
 from megatron_r1.logging.metrics import read_metrics
@@ -14,6 +15,7 @@ def _run(rank, world, tmp, overrides):
     return run_grpo(grpo_config(tmp, overrides))
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_reward_on_a_learnable_task(tmp_path):
     run_distributed(_run, 1, str(tmp_path), ["training.train_steps=16", "rl.prompts_per_step=4", "rl.group_size=8",
                                              "rl.mini_batch_size=32", "training.micro_batch_size=32",
@@ -52,6 +54,7 @@ def _nan_once(rank, world, tmp):
     return result
 
 
+@pytest.mark.slow
 def test_nan_loss_step_is_skipped_and_run_continues(tmp_path):
     run_distributed(_nan_once, 1, str(tmp_path))
     rows = [r for r in read_metrics(tmp_path / "run") if "skipped_steps" in r]
@@ -59,6 +62,7 @@ def test_nan_loss_step_is_skipped_and_run_continues(tmp_path):
     assert all(math.isfinite(r["reward"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_reward_exceptions_are_counted_not_fatal(tmp_path):
     run_distributed(_run, 1, str(tmp_path), ["training.train_steps=1",
                                              "rewards=[{name: 'tests.rl.plugin_rewards:flaky'}]"])
@@ -101,6 +105,7 @@ def _save_init(rank, world, tmp):
     save_model_only(build_model(cfg.model, cfg.parallel, "fp32"), f"{tmp}/init")
 
 
+@pytest.mark.slow
 def test_one_rl_step_at_tp2_equals_tp1(tmp_path):
     run_distributed(_save_init, 1, str(tmp_path))
     (m1, w1), = run_distributed(_one_step_weights, 1, str(tmp_path), 1, f"{tmp_path}/init")

@@ -4,10 +4,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
-from tests.distributed import run_distributed
+from tests.distributed import reaped, run_distributed
 from tests.rl.common import TINY
 
 
@@ -36,17 +37,11 @@ def _train(config, kill_after=None):
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     log = config.with_suffix(f".{kill_after}.log")
     # Output to a file, not a pipe, and a session of its own: helper processes (checkpoint writer, reward pool)
-    # outlive a SIGKILLed trainer and would hold a pipe open; the whole group is cleaned up afterwards.
-    with open(log, "w") as out:
+    # outlive a SIGKILLed trainer and would hold a pipe open; every process it left is ended afterwards (reaped).
+    with open(log, "w") as out, reaped():
         proc = subprocess.Popen([sys.executable, "-m", "megatron_r1", "train", str(config)], env=env, cwd=root,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        rc = proc.wait(timeout=600)
     return subprocess.CompletedProcess(proc.args, rc, log.read_text(), log.read_text())
 
 
@@ -63,6 +58,7 @@ def _final_weights(rank, world, config, ckpt):
     return {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     straight, broken = tmp_path / "straight.yaml", tmp_path / "broken.yaml"
     _write_config(straight, tmp_path / "ck_straight", tmp_path / "run_straight")

@@ -84,6 +84,7 @@ def _plain(cfg):
     return d
 
 
+@pytest.mark.slow
 def test_token_budget_gives_the_one_big_batch_gradient():
     aggs = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
     (out,) = run_distributed(_grads, 1, aggs)

@@ -86,6 +86,7 @@ def _logprobs_with_and_without_replay(rank, world):
     return out
 
 
+@pytest.mark.slow
 def test_replay_gives_the_engines_logprobs_and_no_replay_does_not():
     (out,) = run_distributed(_logprobs_with_and_without_replay, 1)
     print(f"\n(layout, replay): (max |trainer - engine| log-prob, routing mismatch): {out}")
@@ -138,6 +139,7 @@ def _replayed_gradients(rank, world, recompute: bool, init_dir: str):
             "grads": {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}}
 
 
+@pytest.mark.slow
 def test_activation_recompute_replays_in_backward_too(tmp_path):
     """The recomputed forward in backward routes by the record as well (Megatron's REPLAY_BACKWARD queue):
     otherwise its gradients would belong to another routing than the forward's."""
@@ -162,6 +164,7 @@ def _run(rank, world, tmp, overrides):
     return run_grpo(grpo_config(tmp, overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_grpo_step_with_router_replay_logs_the_mismatch(tmp_path, shared_prefix):
     # two mini-batches: old log-probs are recomputed (replayed), then two replayed updates

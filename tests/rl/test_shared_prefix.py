@@ -169,6 +169,7 @@ def _assert_same(out):
         torch.testing.assert_close(packed["weights"][k], w, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_packed_groups_give_the_padded_layouts_logprobs_and_gradients(name):
     (out,) = run_distributed(_step_both_ways, 1, name, 1, None)
@@ -185,6 +186,7 @@ def _save_init(rank, world, tmp):
     save_model_only(build_model(cfg.model, cfg.parallel, "fp32"), f"{tmp}/init")
 
 
+@pytest.mark.slow
 def test_packed_groups_at_tp2_with_sequence_parallelism(tmp_path):
     run_distributed(_save_init, 1, str(tmp_path))
     outs = run_distributed(_step_both_ways, 2, "deepseek_v3_tiny", 2, f"{tmp_path}/init")
@@ -214,6 +216,7 @@ def _logprobs_pp2(rank, world, init_dir):
     return used, None if plain is None else [lp * collate(rb, 0).response_mask for lp in (plain, packed)]
 
 
+@pytest.mark.slow
 def test_packed_groups_through_a_pipeline(tmp_path):
     run_distributed(_save_init, 1, str(tmp_path))
     (used0, first), (used1, last) = run_distributed(_logprobs_pp2, 2, f"{tmp_path}/init")
@@ -230,6 +233,7 @@ def _run(rank, world, tmp, overrides):
     return run_grpo(grpo_config(tmp, overrides))
 
 
+@pytest.mark.slow
 def test_trainer_runs_with_shared_prefix_and_logs_the_same_metrics(tmp_path):
     common = ["training.train_steps=1", "rl.kl_coef=0.01", "rl.mini_batch_size=8", "training.micro_batch_size=4",
               "training.global_batch_size=4"]  # two mini-batches: old log-probs recomputed; two micro-batches

@@ -43,6 +43,7 @@ def dry_run(tmp_path_factory):
     return json.loads((out / "gpu_check.json").read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_every_section_runs_and_passes(dry_run):
     result, table = dry_run
     assert result["dry_run"] is True
@@ -53,6 +54,7 @@ def test_every_section_runs_and_passes(dry_run):
     assert result["total_s"] < 110
 
 
+@pytest.mark.slow
 def test_logprobs_engine_equals_trainer_on_both_shapes(dry_run):
     rows = dry_run[0]["sections"]["logprobs"]["rows"]
     assert [r["model"] for r in rows] == ["deepseek_v3_1b", "qwen2_0.5b"]
@@ -61,6 +63,7 @@ def test_logprobs_engine_equals_trainer_on_both_shapes(dry_run):
         assert r["max_abs_diff"] < 1e-4 and r["mean_abs_diff"] <= r["max_abs_diff"]
 
 
+@pytest.mark.slow
 def test_decode_rows_cover_batches_and_modes_with_a_roofline(dry_run):
     result = dry_run[0]
     rows = result["sections"]["decode"]["rows"]
@@ -73,6 +76,7 @@ def test_decode_rows_cover_batches_and_modes_with_a_roofline(dry_run):
         assert r["tokens_per_s"] > 0 and 0 < r["roofline_pct"] < 100 and r["MB_per_step"] > 0
 
 
+@pytest.mark.slow
 def test_ops_are_checked_against_the_reference_and_timed_against_the_floor(dry_run):
     rows = dry_run[0]["sections"]["ops"]["rows"]
     methods = {(r["method"], r["backend"]) for r in rows}
@@ -85,6 +89,7 @@ def test_ops_are_checked_against_the_reference_and_timed_against_the_floor(dry_r
             assert r["max_rel_err"] < 1e-4
 
 
+@pytest.mark.slow
 def test_grpo_step_has_its_time_split_and_tokens_per_second(dry_run):
     rows = dry_run[0]["sections"]["grpo"]["rows"]
     assert [r["step"] for r in rows] == [1, 2]
@@ -94,6 +99,7 @@ def test_grpo_step_has_its_time_split_and_tokens_per_second(dry_run):
         assert r["seq_tokens"] > r["gen_tokens"] > 0 and r["tokens_per_s_per_gpu"] > 0
 
 
+@pytest.mark.slow
 def test_gpu_marked_tests_were_collected(dry_run):
     (row,) = dry_run[0]["sections"]["tests"]["rows"]
     assert row["returncode"] == 0 and row.get("skipped", 0) > 0  # all skipped off the GPU, none failed
