@@ -111,8 +111,11 @@ def build_generator(cfg: Config, checkpoint: str, max_new_tokens: int):
     load_model_only(model, checkpoint)
     model.eval()
     tokenizer = load_tokenizer(cfg.tokenizer.path)
-    engine = Engine(model, tokenizer=tokenizer, max_batch_size=cfg.generation.max_batch_size,
-                    max_seq_len=cfg.rl.max_prompt_length + max_new_tokens + 1)
+    g = cfg.generation  # the same cache settings as GRPO's engine (and megatron-r1 plan's accounting)
+    engine = Engine(model, tokenizer=tokenizer, max_batch_size=g.max_batch_size,
+                    max_seq_len=cfg.rl.max_prompt_length + max_new_tokens + 1, kv_cache=g.kv_cache,
+                    kv_block_size=g.kv_block_size, kv_cache_blocks=g.kv_cache_blocks,
+                    kv_cache_memory_gb=g.kv_cache_memory_gb)
     return engine, tokenizer, get_template(cfg.data.template, tokenizer), ctx
 
 

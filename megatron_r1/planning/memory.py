@@ -11,7 +11,10 @@ default on GPUs:
   TP > 1. 1F1B keeps PP - stage micro-batches in flight on a stage; full recompute keeps each layer's input and
   re-runs one layer at a time. Logits are fp32 (loss / log-probs).
 - GRPO runs the inference engine in the same processes on the same weights (no copy), so only its KV cache is
-  extra, and the frozen reference model's weights are resident unless `rl.reference_offload`. Everything is summed
+  extra, and the frozen reference model's weights are resident unless `rl.reference_offload`. The cache is the
+  engine's paged pool, counted as the engine sizes it (`engine_kv_tokens`): `generation.kv_cache_blocks`, else
+  `generation.kv_cache_memory_gb` (its block count set by the stage with the most layers, as the engine's stages
+  agree on it), else room for the engine's most concurrent requests at full context. Everything is summed
   as if alive at once: the engine's cache is not freed before the update step.
 Units are GiB (2^30 bytes), also for --gpu-memory-gb.
 """
@@ -150,12 +153,26 @@ def kv_bytes_per_token_layer(cfg: Config, tp: int, kv_bytes: int) -> float:
     return 2 * max(g // tp, 1) * d * kv_bytes
 
 
-def default_kv_tokens(cfg: Config, dp: int) -> int:
-    """Tokens each DP rank's engine caches at once: all rollouts of a step, split over DP (0 outside GRPO)."""
+def engine_kv_tokens(cfg: Config, tp: int, max_stage_layers: int, kv_bytes: int) -> int:
+    """Tokens the GRPO engine's paged pool holds on each GPU, sized as `inference.Engine` sizes it (0 outside GRPO):
+    `generation.kv_cache_blocks` blocks; else as many blocks as fit in `generation.kv_cache_memory_gb` on the stage
+    with the most layers; else (neither set) `max_batch_size` rows of the full context (prompt + response + 1), the
+    rows being min(generation.max_batch_size, prompts_per_step x group_size) as `rl.trainer.build_engine` sets them.
+    Scratch block included."""
+    from megatron_r1.inference.paged_cache import blocks_for_memory
+
     if cfg.stage != "grpo":
         return 0
-    r = cfg.rl
-    return -(-r.prompts_per_step * r.group_size * (r.max_prompt_length + r.max_response_length) // dp)
+    g, r = cfg.generation, cfg.rl
+    block = g.kv_block_size
+    if g.kv_cache_blocks is not None:
+        return g.kv_cache_blocks * block
+    if g.kv_cache_memory_gb is not None:
+        token_bytes = max_stage_layers * kv_bytes_per_token_layer(cfg, tp, kv_bytes)
+        return blocks_for_memory(g.kv_cache_memory_gb, block, int(token_bytes)) * block
+    rows = min(g.max_batch_size, r.prompts_per_step * r.group_size)
+    context = r.max_prompt_length + r.max_response_length + 1
+    return (rows * -(-context // block) + 1) * block
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -177,7 +194,9 @@ def plan_memory(cfg: Config, nodes: int, gpus_per_node: int = 8, gpu_memory_gb: 
     grad_bytes = 4  # fp32 main_grad buffers (bf16 weights accumulate gradients in fp32)
     opt_bytes = 8 if fp32 else 12  # (master copy +) Adam exp_avg + exp_avg_sq, fp32
     counts: ParamCount = count_params(m)
-    kv_tokens = default_kv_tokens(cfg, lay.dp) if kv_cache_tokens is None else kv_cache_tokens
+    max_layers = max(len(stage_layers(m, lay.pp, stage, p)) for stage in range(lay.pp))
+    kv_tokens = (engine_kv_tokens(cfg, lay.tp, max_layers, w_bytes) if kv_cache_tokens is None
+                 else kv_cache_tokens)
     reference = cfg.stage == "grpo" and cfg.rl.kl_coef > 0 and not cfg.rl.reference_offload
 
     best = None

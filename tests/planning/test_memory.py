@@ -66,15 +66,26 @@ def test_one_f_one_b_in_flight_and_recompute():
 
 
 def test_mla_kv_cache_by_hand():
-    # 671B, 64 nodes, TP 8 -> DP 64; 32 prompts × 16 answers × (1024 + 8192) tokens split over DP.
-    c = cfg("stage=grpo", "model.preset=deepseek_v3", "model.seq_length=9216", "rl.max_prompt_length=1024",
-            "rl.max_response_length=8192", "rl.mini_batch_size=512", "training.global_batch_size=512",
-            "training.micro_batch_size=1", "parallel.tensor_model_parallel_size=8",
-            "parallel.expert_model_parallel_size=64", "parallel.expert_tensor_parallel_size=8")
+    # 671B, 64 nodes, TP 8 -> DP 64. The engine's paged pool (rl/trainer.build_engine, inference/engine.py): rows =
+    # min(generation.max_batch_size 64, 32 prompts × 16 answers) = 64, each ceil((1024 + 8192 + 1) / 16) = 577
+    # blocks of 16 tokens, plus the scratch block.
+    overrides = ("stage=grpo", "model.preset=deepseek_v3", "model.seq_length=9216", "rl.max_prompt_length=1024",
+                 "rl.max_response_length=8192", "rl.mini_batch_size=512", "training.global_batch_size=512",
+                 "training.micro_batch_size=1", "parallel.tensor_model_parallel_size=8",
+                 "parallel.expert_model_parallel_size=64", "parallel.expert_tensor_parallel_size=8")
+    c = cfg(*overrides)
     plan = plan_memory(c, nodes=64)
-    tokens = 32 * 16 * (1024 + 8192) // 64
+    tokens = (64 * 577 + 1) * 16
     assert plan.kv_cache_tokens_per_gpu == tokens
     assert plan.per_gpu_gb["kv_cache"] == round(tokens * 61 * (512 + 64) * 2 / GIB, 3)
+    # a budget: as many blocks as the engine makes of it (paged_cache.blocks_for_memory), 61 layers of bf16 latents
+    from megatron_r1.inference.paged_cache import blocks_for_memory
+
+    budget = plan_memory(cfg(*overrides, "generation.kv_cache_memory_gb=12"), nodes=64)
+    blocks = blocks_for_memory(12, 16, 61 * (512 + 64) * 2)
+    assert budget.kv_cache_tokens_per_gpu == blocks * 16 and abs(budget.per_gpu_gb["kv_cache"] - 12) < 1e-3
+    fixed = plan_memory(cfg(*overrides, "generation.kv_cache_blocks=1000", "generation.kv_block_size=32"), nodes=64)
+    assert fixed.kv_cache_tokens_per_gpu == 32_000
     assert plan.per_gpu_gb["reference_model"] == plan.per_gpu_gb["parameters"]  # kl_coef > 0, not offloaded
     off = plan_memory(load_config(None, ["rl.reference_offload=true"]), nodes=1, gpus_per_node=1)
     assert off.per_gpu_gb["reference_model"] == 0
