@@ -58,6 +58,7 @@ from megatron_r1.inference.cuda_graphs import StaticDecoder
 from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.paged_cache import blocks_for_memory, bytes_per_token
 from megatron_r1.inference.sampling import SamplingParams, sample
+from megatron_r1.models.unwrap import unwrap as unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,6 @@ class Request:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.tokens)
-
-
-def unwrap_model(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
 
 
 class Engine:
