@@ -121,8 +121,10 @@ void qk_scores(const float* q, const float* kv, int64_t hd_rt, int64_t L, float 
 }
 
 // out[h] = sum_l p[h, l] V[l] / sum_l p[h, l] for the g heads of a group (V rows read once for all g heads).
+// Positions live in blocks of `bs` entries: position l is entry l % bs of blk[l / bs] (one block of the whole
+// row for the contiguous cache, the row's block table for the paged one).
 template <int HD>
-void pv_sum(const float* p, const float* kv, int64_t g, int64_t hd_rt, int64_t L, float* out) {
+void pv_sum(const float* p, const float* const* blk, int64_t bs, int64_t g, int64_t hd_rt, int64_t L, float* out) {
   const int64_t hd = HD ? HD : hd_rt;
   constexpr int W = HD ? HD : 1024;
   for (int64_t h0 = 0; h0 < g; h0 += 2) {  // two heads at a time: their accumulators stay in registers
@@ -131,13 +133,16 @@ void pv_sum(const float* p, const float* kv, int64_t g, int64_t hd_rt, int64_t L
     const float* p1 = p0 + (nh > 1 ? L : 0);
     float a0[W], a1[W];
     for (int64_t i = 0; i < hd; ++i) a0[i] = a1[i] = 0.f;
-    for (int64_t l = 0; l < L; ++l) {
-      const float* v = kv + l * 2 * hd + hd;
-      const float w0 = p0[l], w1 = p1[l];
+    for (int64_t k = 0, l0 = 0; l0 < L; ++k, l0 += bs) {
+      const int64_t n = std::min(bs, L - l0);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* v = blk[k] + j * 2 * hd + hd;
+        const float w0 = p0[l0 + j], w1 = p1[l0 + j];
 #pragma omp simd
-      for (int64_t i = 0; i < hd; ++i) {
-        a0[i] += w0 * v[i];
-        a1[i] += w1 * v[i];
+        for (int64_t i = 0; i < hd; ++i) {
+          a0[i] += w0 * v[i];
+          a1[i] += w1 * v[i];
+        }
       }
     }
     float s0 = 0.f, s1 = 0.f;
@@ -156,40 +161,55 @@ void pv_sum(const float* p, const float* kv, int64_t g, int64_t hd_rt, int64_t L
 // Attention of one (row, KV head) group: RoPE on its g query heads and its K, the new K/V written at the row's
 // position, then each query head attends to cache positions 0..L-1 (masked by the row's bias). HD is the head
 // width when known at compile time (the dot products then unroll into a few FMAs), 0 for any width `hd`.
+// The row's entries are in blocks of `bs` positions (see pv_sum): the paged cache walks its block table here,
+// with no gather of the blocks into a contiguous copy.
 template <int HD>
-void attend_group(float* grp, int64_t p, const float* cos, const float* sin, float* kv, const float* brow,
-                  float* out, int64_t g, int64_t hd_rt, int64_t L, float scale, float* s, float* tmp) {
+void attend_group(float* grp, int64_t p, const float* cos, const float* sin, float* const* blk, int64_t bs,
+                  const float* brow, float* out, int64_t g, int64_t hd_rt, int64_t L, float scale, float* s,
+                  float* tmp) {
   const int64_t hd = HD ? HD : hd_rt;
   for (int64_t h = 0; h <= g; ++h) rope_head(grp + h * hd, cos + p * hd, sin + p * hd, hd, tmp);
-  std::memcpy(kv + p * 2 * hd, grp + g * hd, 2 * hd * sizeof(float));  // K (roped) and V, adjacent
+  std::memcpy(blk[p / bs] + (p % bs) * 2 * hd, grp + g * hd, 2 * hd * sizeof(float));  // K (roped) and V
   for (int64_t h = 0; h < g; ++h) {
     float* sh = s + h * L;
-    qk_scores<HD>(grp + h * hd, kv, hd, L, scale, brow, sh);
+    for (int64_t k = 0, l0 = 0; l0 < L; ++k, l0 += bs)
+      qk_scores<HD>(grp + h * hd, blk[k], hd, std::min(bs, L - l0), scale, brow + l0, sh + l0);
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t l = 0; l < L; ++l) mx = std::max(mx, sh[l]);
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) sh[l] = exp_poly(sh[l] - mx);  // softmax numerators; pv_sum normalises
   }
-  pv_sum<HD>(s, kv, g, hd, L, out);
+  pv_sum<HD>(s, blk, bs, g, hd, L, out);
 }
 
 // attend_group over every (row, KV head) of rows 0..B-1. qkv [B, kvh, g + 2, hd] is roped in place; out
-// [B, kvh, g, hd] is Megatron's head order.
+// [B, kvh, g, hd] is Megatron's head order. Contiguous cache (`table` null): [rows, kvh, S, 2 * hd] from the
+// first row's entry; paged: the pool [blocks, kvh, bs, 2 * hd] and each row's block ids in `table` [B, tstride].
 void attend_rows(float* qkv, const int64_t* pos, const float* cos, const float* sin, float* cache,
-                 const float* bias, float* out, int64_t B, int64_t kvh, int64_t g, int64_t hd, int64_t S,
-                 int64_t L, float scale) {
+                 const int64_t* table, int64_t tstride, int64_t bs, const float* bias, float* out, int64_t B,
+                 int64_t kvh, int64_t g, int64_t hd, int64_t S, int64_t L, float scale) {
   std::vector<float> s(g * L), tmp(hd);
+  const int64_t nb = table ? (L + bs - 1) / bs : 1;
+  std::vector<float*> blk(nb);
   for (int64_t bj = 0; bj < B * kvh; ++bj) {
-    const int64_t b = bj / kvh;
+    const int64_t b = bj / kvh, j = bj % kvh;
     float* grp = qkv + bj * (g + 2) * hd;
-    float* kv = cache + bj * S * 2 * hd;  // [seq, 2 * hd] of this row and KV head
+    if (table) {
+      for (int64_t k = 0; k < nb; ++k) blk[k] = cache + (table[b * tstride + k] * kvh + j) * bs * 2 * hd;
+    } else {
+      blk[0] = cache + bj * S * 2 * hd;  // [seq, 2 * hd] of this row and KV head
+    }
+    float* const* bp = blk.data();
+    const int64_t w = table ? bs : S;
     float* o = out + bj * g * hd;
     const float* brow = bias + b * S;
     switch (hd) {
-      case 32: attend_group<32>(grp, pos[b], cos, sin, kv, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
-      case 64: attend_group<64>(grp, pos[b], cos, sin, kv, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
-      case 128: attend_group<128>(grp, pos[b], cos, sin, kv, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
-      default: attend_group<0>(grp, pos[b], cos, sin, kv, brow, o, g, hd, L, scale, s.data(), tmp.data());
+      case 32: attend_group<32>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
+      case 64: attend_group<64>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
+      case 128:
+        attend_group<128>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data());
+        break;
+      default: attend_group<0>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data());
     }
   }
 }
@@ -226,6 +246,8 @@ struct Step {  // one decode step's inputs (see dense_decode)
   const at::Tensor& final_norm_w;
   const at::Tensor& out_w;
   const std::vector<at::Tensor>& caches;
+  const int64_t* table;  // paged: block ids [rows, tstride]; null: contiguous rows
+  int64_t tstride, bs;
   float* bias;
   const float* cos;
   const float* sin;
@@ -234,7 +256,8 @@ struct Step {  // one decode step's inputs (see dense_decode)
 };
 
 // The whole step for cache rows r0..r1-1, logits into rows r0..r1-1 of `logits`. Rows are independent in a
-// decode step (each reads and writes only its own cache rows), so blocks of rows run on different threads with
+// decode step (each writes only its own cache rows or blocks: the paged cache gives a row a private copy of a
+// shared block before it writes there), so blocks of rows run on different threads with
 // no synchronisation inside the step.
 void decode_rows(const Step& st, int64_t r0, int64_t r1, at::Tensor& logits) {
   const int64_t n = r1 - r0, h = st.embed_w.size(1), S = st.S, kvh = st.kvh, g = st.g, hd = st.hd;
@@ -254,8 +277,9 @@ void decode_rows(const Step& st, int64_t r0, int64_t r1, at::Tensor& logits) {
     rms_norm_rows(xp, w[0].data_ptr<float>(), static_cast<float>(st.eps[2 * i]), hn.data_ptr<float>(), n, h);
     at::Tensor qkv = at::empty({n, w[1].size(0)}, opts);
     linear(hn, w[1], w[2], qkv, false);
-    float* cache = st.caches[i].data_ptr<float>() + r0 * kvh * S * 2 * hd;
-    attend_rows(qkv.data_ptr<float>(), st.pos + r0, st.cos, st.sin, cache, st.bias + r0 * S,
+    float* cache = st.caches[i].data_ptr<float>() + (st.table ? 0 : r0 * kvh * S * 2 * hd);
+    attend_rows(qkv.data_ptr<float>(), st.pos + r0, st.cos, st.sin, cache,
+                st.table ? st.table + r0 * st.tstride : nullptr, st.tstride, st.bs, st.bias + r0 * S,
                 attn.data_ptr<float>(), n, kvh, g, hd, S, st.L, st.scale);
     linear(attn, w[3], none, x, true);
     rms_norm_rows(xp, w[4].data_ptr<float>(), static_cast<float>(st.eps[2 * i + 1]), hn.data_ptr<float>(), n, h);
@@ -284,13 +308,21 @@ void check_f32(const at::Tensor& t, const char* what) {
 // `layers` holds 7 tensors per layer: input norm w, QKV w [(g+2)*kvh*hd, h], QKV bias (empty when none), output
 // projection w [h, H*hd], pre-MLP norm w, fc1 w [2F, h], fc2 w [h, F]; `eps` one value per norm (2 per layer,
 // then the final norm). `caches` one [slots, kvh, seq, 2*hd] tensor per layer; bias [slots, seq] is updated
-// (the new positions become visible).
+// (the new positions become visible). Paged cache: `block_table` [>= B, max blocks] int64 holds each row's block
+// ids and `caches` are the pools [blocks, kvh, block_size, 2*hd]; an empty table means contiguous rows.
 at::Tensor dense_decode(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& embed_w,
                         const std::vector<at::Tensor>& layers, const std::vector<double>& eps,
                         const at::Tensor& final_norm_w, const at::Tensor& out_w, const std::vector<at::Tensor>& caches,
                         const at::Tensor& bias, const at::Tensor& cos, const at::Tensor& sin, int64_t kvh, int64_t g,
-                        int64_t hd, double scale) {
+                        int64_t hd, double scale, const at::Tensor& block_table, int64_t block_size) {
   const int64_t n_layers = static_cast<int64_t>(caches.size());
+  const bool paged = block_table.defined() && block_table.numel() > 0;
+  if (paged)
+    TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.is_contiguous() && block_table.dim() == 2 &&
+                    block_table.device().is_cpu() && block_table.size(0) >= tokens.size(0) && block_size > 0 &&
+                    block_table.size(1) * block_size >= bias.size(1),
+                "cpu_decode: block_table must be a contiguous int64 CPU tensor [>= batch, blocks covering the "
+                "context] with block_size > 0");
   TORCH_CHECK(static_cast<int64_t>(layers.size()) == 7 * n_layers, "cpu_decode: expected 7 tensors per layer");
   TORCH_CHECK(static_cast<int64_t>(eps.size()) == 2 * n_layers + 1, "cpu_decode: expected 2 eps per layer + 1");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && pos.scalar_type() == at::kLong && tokens.is_contiguous() &&
@@ -323,8 +355,8 @@ at::Tensor dense_decode(const at::Tensor& tokens, const at::Tensor& pos, const a
                 " queries x head_dim ", hd);
     const at::Tensor& cache = caches[i];
     check_f32(cache, "KV cache");
-    TORCH_CHECK(cache.dim() == 4 && cache.size(0) >= B && cache.size(1) == kvh && cache.size(2) == S &&
-                    cache.size(3) == 2 * hd,
+    TORCH_CHECK(cache.dim() == 4 && cache.size(1) == kvh && cache.size(3) == 2 * hd &&
+                    (paged ? cache.size(2) == block_size : cache.size(0) >= B && cache.size(2) == S),
                 "cpu_decode: layer ", i, " cache shape ", cache.sizes());
   }
   const int64_t* tok = tokens.data_ptr<int64_t>();
@@ -335,7 +367,16 @@ at::Tensor dense_decode(const at::Tensor& tokens, const at::Tensor& pos, const a
     TORCH_CHECK(ps[b] >= 0 && ps[b] < S, "cpu_decode: position ", ps[b], " outside the cache of ", S);
     L = std::max(L, ps[b] + 1);
   }
-  const Step st{tok, ps, embed_w, layers, eps, final_norm_w, out_w, caches, bias.data_ptr<float>(),
+  const int64_t* table = paged ? block_table.data_ptr<int64_t>() : nullptr;
+  if (paged) {  // every block a row reads must exist in the pool
+    const int64_t nb = (L + block_size - 1) / block_size, pool = caches.empty() ? 0 : caches[0].size(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < nb; ++k)
+        TORCH_CHECK(table[b * block_table.size(1) + k] >= 0 && table[b * block_table.size(1) + k] < pool,
+                    "cpu_decode: block id ", table[b * block_table.size(1) + k], " outside the pool of ", pool);
+  }
+  const Step st{tok, ps, embed_w, layers, eps, final_norm_w, out_w, caches, table,
+                paged ? block_table.size(1) : 0, paged ? block_size : S, bias.data_ptr<float>(),
                 cos.data_ptr<float>(), sin.data_ptr<float>(), kvh, g, hd, S, L, static_cast<float>(scale)};
   at::Tensor logits = at::empty({B, out_w.size(0)}, embed_w.options());
   // Rows in blocks of at least 8 over the intra-op threads: one parallel region per step (a region per GEMM

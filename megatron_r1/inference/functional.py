@@ -42,9 +42,10 @@ into the query's tables), K/V written in place, residual adds fused into the out
 Prefill runs the last layer's attention output and MLP only at each row's last prompt token, the only one
 whose logits are needed (every layer's K/V are still cached for the whole prompt).
 
-On the CPU, a dense fp32 model without TP decodes through the fused step of csrc/cpu_decode.cpp instead (one
-extension call per step, same arithmetic; `fused_decode_reason()` says when it does not apply, and a missing
-compiler or `MEGATRON_R1_CPU_DECODE=0` leaves the torch ops below in charge).
+On the CPU, a dense fp32 model without TP or PP decodes through the fused step of csrc/cpu_decode.cpp instead (one
+extension call per step, same arithmetic, on contiguous rows or walking a paged cache's block table in place of
+the torch path's block gather; `fused_decode_reason()` says when it does not apply, and a missing compiler or
+`MEGATRON_R1_CPU_DECODE=0` leaves the torch ops below in charge).
 """
 from __future__ import annotations
 
@@ -59,6 +60,9 @@ import torch.nn.functional as F
 from megatron_r1.errors import ConfigError
 from megatron_r1.inference import layer_adapter
 from megatron_r1.models.local_layers import rms_norm
+
+
+_NO_TABLE = torch.empty(0, dtype=torch.long)  # the fused step's block table for a contiguous cache
 
 
 # ----------------------------------------------------------------------------------------------- collectives
@@ -799,14 +803,19 @@ class FunctionalGPT:
         `max_len`: attend over that many cache positions (>= max(pos) + 1; the bias masks each row's rest) and run
         MoE layers without a host sync: shapes depend on B and max_len alone, what CUDA-graph capture needs
         (`cuda_graphs.StaticDecoder`). None: max(pos) + 1, read from the device."""
-        # the fused step reads contiguous rows (csrc/cpu_decode.cpp); a paged cache decodes through the torch ops
-        fused = self.fused_decode_step() if self.use_fused and max_len is None and not cache.paged else None
+        # the fused step (csrc/cpu_decode.cpp) reads contiguous rows or walks a paged cache's block table
+        fused = self.fused_decode_step() if self.use_fused and max_len is None else None
         if fused is not None:
             ext, layers, eps, final_w = fused
             S = cache.bias.shape[1]  # the rope tables' rows must match the cache's positions (a growing cache)
+            if cache.paged:
+                cache.sync()
+                table, block = cache.block_table, cache.block_size
+            else:
+                table, block = _NO_TABLE, 0
             return ext.dense_decode(tokens, pos, self.embed_w, layers, eps, final_w, self.out_w, cache.kv,
                                     cache.bias, self.cos[:S], self.sin[:S], self.kv_heads,
-                                    self.heads // self.kv_heads, self.hd, self.softmax_scale)
+                                    self.heads // self.kv_heads, self.hd, self.softmax_scale, table, block)
         B = tokens.shape[0]
         if max_len is None:  # eager: a paged cache's changed block-table rows go to the device (static: the caller)
             cache.sync()

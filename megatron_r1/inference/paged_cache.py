@@ -20,7 +20,8 @@ copy of that block (copy-on-write); full prompt blocks stay shared until the las
 What the functional forward sees: `decode_index` turns positions into flat slot indices (where a step's new
 entries go) and a [B, blocks] block table slice (what `read` gathers, then cuts to L positions). Shapes depend
 on B and L only, so the CUDA-graph decode (cuda_graphs.py) captures a paged step like a contiguous one; the block
-table is a persistent device tensor updated in place between steps (`sync`).
+table is a persistent device tensor updated in place between steps (`sync`). The fused CPU decode step
+(csrc/cpu_decode.cpp) reads `block_table` itself and walks each row's blocks, with no gather.
 
 Accounting (what the engine schedules with, and `megatron-r1 plan` sizes with `blocks_for_memory`): a pool of N
 blocks holds N * block_size tokens of `bytes_per_token` each. The engine preempts the newest requests (recompute)
