@@ -586,7 +586,8 @@ class Engine:
         The ranks of one model replica (its TP group and pipeline stages) call this with the same arguments and get
         the same results. With expert parallelism each data-parallel rank may pass its own prompts: the experts'
         outputs are all-reduced over ranks of different replicas, so every rank must run the same tokens; the
-        requests of all DP ranks are gathered, every rank generates all of them, and each gets its own back. That
+        requests of all DP ranks are gathered, every rank generates all of them, and each gets its own back (when
+        every rank passed the same requests, they run once and every rank gets all of them). That
         costs each rank the attention of every DP rank's requests (the experts stay sharded): a generator that
         dispatches tokens to their experts (all-to-all) instead of replicating them would not.
         """
@@ -610,6 +611,9 @@ class Engine:
         by_dp: dict = {}
         for (dp, _tp, _pp), part in sorted(everyone, key=lambda e: e[0]):
             by_dp.setdefault(dp, part)  # a replica's TP peers and stages passed the same requests
+        parts = list(by_dp.values())
+        if all(part == parts[0] for part in parts[1:]):  # every rank passed the same requests: run them once
+            return self._generate(prompts_token_ids, sampling)
         prompts: list[list[int]] = []
         params: list[SamplingParams] = []
         start = 0
