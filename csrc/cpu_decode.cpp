@@ -189,10 +189,12 @@ void attend_rows(float* qkv, const int64_t* pos, const float* cos, const float* 
                  const int64_t* table, int64_t tstride, int64_t bs, const float* bias, float* out, int64_t B,
                  int64_t kvh, int64_t g, int64_t hd, int64_t S, int64_t L, float scale) {
   std::vector<float> s(g * L), tmp(hd);
-  const int64_t nb = table ? (L + bs - 1) / bs : 1;
-  std::vector<float*> blk(nb);
+  std::vector<float*> blk(table ? (L + bs - 1) / bs : 1);
   for (int64_t bj = 0; bj < B * kvh; ++bj) {
     const int64_t b = bj / kvh, j = bj % kvh;
+    // Each row attends over its own length, not the step's longest: past it the bias is -inf, so those positions
+    // add exactly nothing (at R1's long-tailed lengths most of a step's longest-length attention is such padding).
+    const int64_t Lb = pos[b] + 1, nb = table ? (Lb + bs - 1) / bs : 1;
     float* grp = qkv + bj * (g + 2) * hd;
     if (table) {
       for (int64_t k = 0; k < nb; ++k) blk[k] = cache + (table[b * tstride + k] * kvh + j) * bs * 2 * hd;
@@ -204,12 +206,12 @@ void attend_rows(float* qkv, const int64_t* pos, const float* cos, const float* 
     float* o = out + bj * g * hd;
     const float* brow = bias + b * S;
     switch (hd) {
-      case 32: attend_group<32>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
-      case 64: attend_group<64>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data()); break;
+      case 32: attend_group<32>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, Lb, scale, s.data(), tmp.data()); break;
+      case 64: attend_group<64>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, Lb, scale, s.data(), tmp.data()); break;
       case 128:
-        attend_group<128>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data());
+        attend_group<128>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, Lb, scale, s.data(), tmp.data());
         break;
-      default: attend_group<0>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, L, scale, s.data(), tmp.data());
+      default: attend_group<0>(grp, pos[b], cos, sin, bp, w, brow, o, g, hd, Lb, scale, s.data(), tmp.data());
     }
   }
 }
