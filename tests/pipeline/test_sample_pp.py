@@ -12,19 +12,10 @@ import yaml
 from megatron_r1.config import to_dict
 from tests.distributed import free_port, run_distributed
 from tests.rl.common import grpo_config
+from tests.rl.layouts import save_init
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _save_init(rank, world, tmp):
-    from megatron_r1.checkpoint import save_model_only
-    from megatron_r1.models import build_model
-    from megatron_r1.parallel import init_parallel
-
-    cfg = grpo_config(tmp)
-    init_parallel(cfg.parallel, 3)
-    save_model_only(build_model(cfg.model, cfg.parallel, "fp32"), f"{tmp}/init")
 
 
 def _sample(tmp: Path, name: str, launcher: list, overrides: list) -> tuple[list, dict]:
@@ -52,7 +43,7 @@ def _sample(tmp: Path, name: str, launcher: list, overrides: list) -> tuple[list
 
 
 def test_sample_at_pp2_equals_one_process(tmp_path):
-    run_distributed(_save_init, 1, str(tmp_path))
+    run_distributed(save_init, 1, str(tmp_path))
     rows1, stats1 = _sample(tmp_path, "pp1", [], [])
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     rows2, stats2 = _sample(tmp_path, "pp2", torchrun, ["parallel.pipeline_model_parallel_size=2"])
