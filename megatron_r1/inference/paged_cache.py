@@ -46,6 +46,12 @@ def bytes_per_token(spec, num_layers: int, dtype) -> int:
     return num_layers * per_layer * elem
 
 
+def default_num_blocks(max_batch: int, max_seq: int, block_size: int) -> int:
+    """The pool when no size is configured (scratch block included): every row may reach `max_seq` positions, the
+    contiguous cache's memory. `megatron-r1 plan` counts the same."""
+    return max_batch * math.ceil(max_seq / block_size) + 1
+
+
 def blocks_for_memory(memory_gb: float, block_size: int, token_bytes: int) -> int:
     """Blocks (scratch included) that fit in `memory_gb` GiB of cache at `token_bytes` per token."""
     return int(memory_gb * 2 ** 30 // (block_size * token_bytes))
@@ -101,8 +107,8 @@ class PagedKVCache:
             raise ConfigError(f"generation.kv_block_size must be >= 1, got {block_size}")
         self.spec, self.max_batch, self.max_seq, self.block_size = spec, max_batch, max_seq, int(block_size)
         self.max_blocks = math.ceil(max_seq / block_size)  # per row
-        if num_blocks is None:  # the contiguous cache's memory: every row may reach max_seq
-            num_blocks = max_batch * self.max_blocks + 1
+        if num_blocks is None:
+            num_blocks = default_num_blocks(max_batch, max_seq, self.block_size)
         num_blocks = int(num_blocks)
         if num_blocks - 1 < self.max_blocks:
             raise ConfigError(

@@ -45,8 +45,8 @@ def _tensors(model):
 
 def _stage_tensors(model):
     """`_tensors` named as the whole model names them: a pipeline stage's decoder layers by their global index
-    (layer_number - 1, not the stage's own 0..n-1). The last stage's copy of a tied output layer is left out (the
-    full model has only the embedding; it is loaded from there)."""
+    (layer_number - 1, not the stage's own 0..n-1). A later stage's copy of a tied output layer is still here as
+    `output_layer.weight` (see `_tied_output`: the full model has only the embedding)."""
     numbers = [int(layer.layer_number) - 1 for layer in model.decoder.layers]
     out = {}
     for name, t in _tensors(model).items():

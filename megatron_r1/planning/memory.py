@@ -159,7 +159,7 @@ def engine_kv_tokens(cfg: Config, tp: int, max_stage_layers: int, kv_bytes: int)
     with the most layers; else (neither set) `max_batch_size` rows of the full context (prompt + response + 1), the
     rows being min(generation.max_batch_size, prompts_per_step x group_size) as `rl.trainer.build_engine` sets them.
     Scratch block included."""
-    from megatron_r1.inference.paged_cache import blocks_for_memory
+    from megatron_r1.inference.paged_cache import blocks_for_memory, default_num_blocks
 
     if cfg.stage != "grpo":
         return 0
@@ -172,7 +172,7 @@ def engine_kv_tokens(cfg: Config, tp: int, max_stage_layers: int, kv_bytes: int)
         return blocks_for_memory(g.kv_cache_memory_gb, block, int(token_bytes)) * block
     rows = min(g.max_batch_size, r.prompts_per_step * r.group_size)
     context = r.max_prompt_length + r.max_response_length + 1
-    return (rows * -(-context // block) + 1) * block
+    return default_num_blocks(rows, context, block) * block
 
 
 # ----------------------------------------------------------------------------------------------- the plan
