@@ -12,7 +12,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from megatron_r1.data import pretrain_corpus
 from megatron_r1.data.tasks import generate
-from megatron_r1.rewards.preference_data import generate_preferences
+from megatron_r1.reward_model.preferences import generate_preferences
 
 OUT = Path(__file__).with_name("tiny_student_tokenizer")
 SPECIALS = ["<pad>", "<eos>"]

@@ -24,6 +24,28 @@ def resolve_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+# ModelConfig / ParallelConfig fields that are TransformerConfig fields of the same name and meaning: passed as
+# they are (the ones renamed or derived are spelt out in build_transformer_config).
+_DENSE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "add_qkv_bias", "init_method_std",
+                 # set for dense models too: mcore's default (allgather) rejects variable_seq_lengths
+                 "moe_token_dispatcher_type")
+_PARALLEL_FIELDS = ("pipeline_model_parallel_size", "num_layers_in_first_pipeline_stage",
+                    "num_layers_in_last_pipeline_stage", "expert_model_parallel_size")
+_MOE_FIELDS = ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_topk",
+               "moe_router_num_groups", "moe_router_group_topk", "moe_router_score_function",
+               "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_router_topk_scaling_factor",
+               "moe_aux_loss_coeff")
+
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type",
+               "rotary_base", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+               "mscale", "mscale_all_dim")
+
+
+def _same_named(section, names: tuple[str, ...]) -> dict:
+    return {name: getattr(section, name) for name in names}
+
+
 def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str = "auto"):
     """The Megatron TransformerConfig (MLATransformerConfig for DeepSeek-V3) for this model and layout."""
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -33,26 +55,16 @@ def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str =
     sequence_parallel = p.sequence_parallel if p.sequence_parallel is not None else tp > 1
     on_gpu = torch.cuda.is_available()
     common = dict(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        kv_channels=m.kv_channels,
+        **_same_named(m, _DENSE_FIELDS),
+        **_same_named(p, _PARALLEL_FIELDS),
         layernorm_epsilon=m.norm_epsilon,
         normalization="RMSNorm",
         gated_linear_unit=True,  # SwiGLU everywhere (DeepSeek-V3, Llama, Qwen2)
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=m.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=m.init_method_std,
         tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        num_layers_in_first_pipeline_stage=p.num_layers_in_first_pipeline_stage,
-        num_layers_in_last_pipeline_stage=p.num_layers_in_last_pipeline_stage,
-        expert_model_parallel_size=p.expert_model_parallel_size,
         expert_tensor_parallel_size=p.expert_tensor_parallel_size or tp,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
@@ -67,26 +79,15 @@ def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str =
         gradient_accumulation_fusion=False,
         variable_seq_lengths=True,  # RL batches have varying lengths across steps
         calculate_per_token_loss=False,
-        # set for dense models too: mcore's default (allgather) rejects variable_seq_lengths
-        moe_token_dispatcher_type=m.moe_token_dispatcher_type,
     )
     if m.num_experts:
         freq = [0] * m.first_k_dense_replace + [1] * (m.num_layers - m.first_k_dense_replace)
         common.update(
+            **_same_named(m, _MOE_FIELDS),
             num_moe_experts=m.num_experts,
-            moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_layer_freq=freq,
-            moe_router_topk=m.moe_router_topk,
-            moe_router_num_groups=m.moe_router_num_groups,
-            moe_router_group_topk=m.moe_router_group_topk,
-            moe_router_score_function=m.moe_router_score_function,
-            moe_router_enable_expert_bias=m.moe_router_enable_expert_bias,
-            moe_router_bias_update_rate=m.moe_router_bias_update_rate,
-            moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
             moe_router_pre_softmax=False,
             moe_router_load_balancing_type="seq_aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
-            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_router_dtype="fp32",
             moe_grouped_gemm=False,
             moe_permute_fusion=False,
@@ -96,20 +97,8 @@ def build_transformer_config(m: ModelConfig, p: ParallelConfig, precision: str =
     if m.multi_latent_attention:
         return MLATransformerConfig(
             **common,
-            q_lora_rank=m.q_lora_rank,
-            kv_lora_rank=m.kv_lora_rank,
-            qk_head_dim=m.qk_head_dim,
-            qk_pos_emb_head_dim=m.qk_pos_emb_head_dim,
-            v_head_dim=m.v_head_dim,
+            **_same_named(m, _MLA_FIELDS),
             qk_layernorm=True,  # DeepSeek-V3 normalises the compressed q and kv latents
-            rope_type=m.rope_type,
-            rotary_base=m.rotary_base,
-            rotary_scaling_factor=m.rotary_scaling_factor,
-            original_max_position_embeddings=m.original_max_position_embeddings,
-            beta_fast=m.beta_fast,
-            beta_slow=m.beta_slow,
-            mscale=m.mscale,
-            mscale_all_dim=m.mscale_all_dim,
         )
     return TransformerConfig(**common)
 

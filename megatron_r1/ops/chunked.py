@@ -81,6 +81,21 @@ class _Operands:
         else:
             acc.add_(_mm32(gx.to(self.dtype).t(), h.to(self.dtype)))
 
+    def chain_(self, grad_h, grad_w, s, e, gx, h, inv_temp):
+        """Chain rule through the chunk's logits x = h Wᵀ / T, given dL/dx: rows s:e of dL/dh written, dL/dW
+        accumulated (a None buffer is a gradient not wanted)."""
+        if grad_h is not None:
+            self.grad_hidden_(grad_h[s:e], gx, inv_temp)
+        if grad_w is not None:
+            self.add_grad_weight_(grad_w, gx, h * inv_temp)
+
+
+def _grad_buffers(ctx, hidden, weight):
+    """fp32 dL/dhidden (every row written) and dL/dweight (accumulated) for the inputs that need a gradient."""
+    grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+    return grad_h, grad_w
+
 
 def combine(lse_l, tgt_l, ez_l, tp_group):
     """Global (lse, target logit, entropy or None) from each rank's statistics over its vocab shard."""
@@ -132,9 +147,7 @@ class _TokenLogprobs(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         ops = _Operands(weight)
         start = _tp.rank(tp_group) * weight.shape[0]
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         t = hidden.shape[0]
         buf = ops.chunk_buffer(c, weight.shape[0], hidden.device)
         for s in range(0, t, c):
@@ -144,14 +157,11 @@ class _TokenLogprobs(torch.autograd.Function):
             gx = rows.grad_from_logits(
                 x, tokens[s:e], start, 1.0, lse[s:e], None if ent is None else ent[s:e],
                 None if g_lp is None else g_lp[s:e], None if g_ent is None else g_ent[s:e], x)
-            if want_h:
-                ops.grad_hidden_(grad_h[s:e], gx, inv_temp)
-            if want_w:
-                ops.add_grad_weight_(grad_w, gx, h * inv_temp)
-        if want_h:
+            ops.chain_(grad_h, grad_w, s, e, gx, h, inv_temp)
+        if grad_h is not None:
             _tp.all_reduce_(grad_h, tp_group)
             grad_h = grad_h.to(hidden.dtype)
-        if want_w:
+        if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
@@ -231,9 +241,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
         ops = _Operands(weight)
         start = _tp.rank(tp_group) * weight.shape[0]
         c = chunk_rows(t, weight.shape[0], chunk_tokens)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_h, grad_w = _grad_buffers(ctx, hidden, weight)
         logp = torch.empty(t, device=hidden.device)
         ent = torch.empty(t, device=hidden.device) if want_ent else None
         loss = torch.zeros((), device=hidden.device)
@@ -248,14 +256,11 @@ class _FusedPolicyLoss(torch.autograd.Function):
                 ent[s:e] = ent_c
             loss_c, g_c = token_grad(logp[s:e], s, e)
             loss += loss_c
-            if not (want_h or want_w):
+            if grad_h is None and grad_w is None:
                 continue
             gx = rows.grad_after_stats_(x, state, tokens[s:e], start, 1.0, lse_c, ent_c, g_c, None)
-            if want_h:
-                ops.grad_hidden_(grad_h[s:e], gx, inv_temp)
-            if want_w:
-                ops.add_grad_weight_(grad_w, gx, h * inv_temp)
-        if want_h:
+            ops.chain_(grad_h, grad_w, s, e, gx, h, inv_temp)
+        if grad_h is not None:
             _tp.all_reduce_(grad_h, tp_group)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)

@@ -9,7 +9,6 @@ tokenizer come from its checkpoint's config.yaml, so nothing about the teacher i
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,14 +155,11 @@ def run_distill(cfg: Config, opts: DistillOptions) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from megatron_r1.pipeline.sections import load_with_section
+    from megatron_r1.pipeline.sections import parse_command_line
 
-    ap = argparse.ArgumentParser(prog="megatron-r1 distill", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML: the student's sft config plus a `distill:` section")
-    ap.add_argument("overrides", nargs="*", help="section.key=value (distill.teacher=DIR, model.preset=llama_tiny)")
-    args = ap.parse_args(argv)
-    cfg, opts = load_with_section(args.config, args.overrides, "distill", DistillOptions)
+    cfg, opts = parse_command_line(argv, "megatron-r1 distill", __doc__, "distill", DistillOptions,
+                                   "YAML: the student's sft config plus a `distill:` section",
+                                   "section.key=value (distill.teacher=DIR, model.preset=llama_tiny)")
     result = run_distill(cfg, opts)
     print(json.dumps({k: result[k] for k in ("eval",) if k in result} | {"rows": result["data"].get("rows")},
                      indent=2))

@@ -8,7 +8,7 @@ to the number removed and `megatron-r1 sample` can print what each filter remove
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from megatron_r1.rewards.extract import extract_think
@@ -48,9 +48,7 @@ class Scores:
     repeated_ngram_fraction: float
 
     def as_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "format": self.format, "language_consistency": self.language_consistency,
-                "max_paragraph_chars": self.max_paragraph_chars, "has_code_block": self.has_code_block,
-                "repeated_ngram_fraction": round(self.repeated_ngram_fraction, 4)}
+        return {**asdict(self), "repeated_ngram_fraction": round(self.repeated_ngram_fraction, 4)}
 
 
 def reasoning_language_consistency(completion: str, language: str) -> float:

@@ -74,7 +74,7 @@ def _counts(sources: list[MixtureSource], total: int) -> list[int]:
 
 def _prompts(src: MixtureSource, count: int, seed: int, where: str) -> list[dict]:
     if src.source == "builtin:preferences":
-        from megatron_r1.rewards.preference_data import generate_preferences
+        from megatron_r1.reward_model.preferences import generate_preferences
 
         # Only the prompt is used: the policy answers it and the reward model judges the answer.
         rows = [{"id": r["id"], "prompt": r["prompt"], "subkind": r["kind"]}

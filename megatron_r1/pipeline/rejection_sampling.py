@@ -11,7 +11,6 @@ beside the Config rather than inside it).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,9 +89,9 @@ class SamplingResult:
     stats: FilterStats
 
     def as_dict(self) -> dict:
-        return {"output": self.output, "checkpoint": self.checkpoint, "prompts": self.prompts,
-                "reasoning_rows": self.reasoning_rows, "general_rows": self.general_rows,
-                "drawn": self.stats.drawn, "kept": self.stats.kept, "removed": dict(self.stats.removed)}
+        fields = ("output", "checkpoint", "prompts", "reasoning_rows", "general_rows")
+        return {**{k: getattr(self, k) for k in fields}, "drawn": self.stats.drawn, "kept": self.stats.kept,
+                "removed": dict(self.stats.removed)}
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -215,7 +214,7 @@ def load_general(source: str, count: int, options: dict, seed: int) -> list[dict
     if count <= 0:
         return []
     if source == "builtin:preferences":
-        from megatron_r1.rewards.preference_data import generate_preferences
+        from megatron_r1.reward_model.preferences import generate_preferences
 
         pool = [{"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"], "subkind": r["kind"]}
                 for r in generate_preferences(num_samples=max(count, int(options.get("num_samples", 0))),
@@ -300,16 +299,12 @@ def print_summary(result: SamplingResult, rank0: bool = True) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from megatron_r1.pipeline.sections import load_with_section
-
-    ap = argparse.ArgumentParser(prog="megatron-r1 sample", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="YAML: a stage config plus a `sampling:` section")
-    ap.add_argument("overrides", nargs="*", help="section.key=value (sampling.n=8, checkpoint.load=DIR, ...)")
-    args = ap.parse_args(argv)
-    cfg, opts = load_with_section(args.config, args.overrides, "sampling", SamplingOptions)
-    result = run_sampling(cfg, opts)
     from megatron_r1.parallel.runtime import current_context
+    from megatron_r1.pipeline.sections import parse_command_line
 
+    cfg, opts = parse_command_line(argv, "megatron-r1 sample", __doc__, "sampling", SamplingOptions,
+                                   "YAML: a stage config plus a `sampling:` section",
+                                   "section.key=value (sampling.n=8, checkpoint.load=DIR, ...)")
+    result = run_sampling(cfg, opts)
     print_summary(result, current_context().rank == 0)
     return 0

@@ -6,6 +6,7 @@ One file then describes the whole job, and `section.key=value` overrides reach e
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,3 +52,14 @@ def load_with_section(path: str | Path, overrides: list[str], section: str, cls:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return config_from_dict(data, rest, source=str(path)), options
+
+
+def parse_command_line(argv: list[str], prog: str, doc: str | None, section: str, cls: type[T], config_help: str,
+                       overrides_help: str) -> tuple[Config, T]:
+    """`prog CONFIG [section.key=value ...]`: the command line of every command with a section of its own, parsed
+    into (Config, the section's options)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help=config_help)
+    ap.add_argument("overrides", nargs="*", help=overrides_help)
+    args = ap.parse_args(argv)
+    return load_with_section(args.config, args.overrides, section, cls)

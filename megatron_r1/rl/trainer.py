@@ -18,14 +18,13 @@ import torch
 from megatron_r1.config import Config
 from megatron_r1.errors import ConfigError
 from megatron_r1.logging import get_logger
-from megatron_r1.parallel import init_parallel
 from megatron_r1.rl.batch import RolloutBatch, collate, collate_shared_prefix
 from megatron_r1.rl.policy_forward import (compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches,
                                            padding_fraction, plan_micro_batches)
 from megatron_r1.rl.rollout import informative_groups, reflection_rate, sample_group_rollouts, score_rollouts
 from megatron_r1.training.lm_data import EpochOrder
 from megatron_r1.training.loop import resume_or_init, run_loop
-from megatron_r1.training.pretrain import check_vocab
+from megatron_r1.training.prologue import start_stage
 from megatron_r1.training.setup import build_train_state
 from megatron_r1.training.step import train_step
 
@@ -227,15 +226,13 @@ def check_shared_prefix(cfg: Config, dp_size: int) -> None:
 
 def run_grpo(cfg: Config) -> dict:
     """Run GRPO for `training.train_steps` RL steps (resumable); return the last step's metrics."""
-    from megatron_r1.data import load_dataset
-    from megatron_r1.data.templates import get_template
-    from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.rewards import CombinedReward, RewardSpec
 
     rl, t = cfg.rl, cfg.training
     # With PP > 1 every stage generates the same rollouts (its own layers; the last stage samples) and scores them,
     # so each stage holds the whole batch its schedule's micro-batches are cut from.
-    ctx = init_parallel(cfg.parallel, t.seed)
+    stage = start_stage(cfg)
+    ctx, tokenizer, template = stage.ctx, stage.tokenizer, stage.template
     if rl.prompts_per_step % ctx.dp_size:
         raise ConfigError(f"rl.prompts_per_step: {rl.prompts_per_step} is not divisible by the data-parallel size "
                           f"{ctx.dp_size}")
@@ -243,11 +240,7 @@ def run_grpo(cfg: Config) -> dict:
     if ctx.is_logging_rank:
         log.info("GRPO conventions (docs/rl_conventions.md): %s",
                  ", ".join(f"{k}={v}" for k, v in conventions(cfg).items()))
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    check_vocab(cfg, tokenizer)
-    template = get_template(cfg.data.template, tokenizer)
-    prompts = load_dataset(cfg.data.source, field_map=cfg.data.field_map or None, split="train",
-                           skip_bad_rows=cfg.data.skip_bad_rows, **cfg.data.options)
+    prompts = stage.samples("train")
     rewards = CombinedReward([RewardSpec(r.name, r.weight, dict(r.options)) for r in cfg.rewards])
 
     answers_per_rank = rl.prompts_per_step * rl.group_size // ctx.dp_size
@@ -348,17 +341,8 @@ def run_grpo(cfg: Config) -> dict:
                         state.step, skipped)
         return metrics
 
-    last: dict = {}
-
-    def logged_step(state):
-        m = one_step(state)
-        last.clear()
-        last.update(m)
-        return m
-
     try:
-        run_loop(state, t.train_steps, logged_step, desc="grpo")
+        return run_loop(state, t.train_steps, one_step, desc="grpo")
     finally:
         if hasattr(rewards, "close"):
             rewards.close()
-    return dict(last)

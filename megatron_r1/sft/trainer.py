@@ -12,13 +12,12 @@ from functools import partial
 import torch
 
 from megatron_r1.config import Config
-from megatron_r1.errors import DataError
 from megatron_r1.logging import get_logger
-from megatron_r1.parallel import init_parallel
 from megatron_r1.sft.data import build_sft_rows
 from megatron_r1.training.lm_data import PackedLMDataset
 from megatron_r1.training.loop import resume_or_init, run_loop
-from megatron_r1.training.pretrain import check_vocab, lm_forward_step, lm_train_step, num_microbatches
+from megatron_r1.training.pretrain import lm_forward_step, lm_train_step
+from megatron_r1.training.prologue import num_microbatches, start_stage
 from megatron_r1.training.setup import build_train_state
 
 log = get_logger()
@@ -50,46 +49,32 @@ def heldout_loss(state, dataset: PackedLMDataset, cfg: Config, device, max_batch
 
 def run_sft(cfg: Config) -> dict:
     """Fine-tune for `training.num_epochs` epochs (or `train_steps`); resumable; returns the last metrics."""
-    from megatron_r1.data import load_dataset
-    from megatron_r1.data.templates import get_template
-    from megatron_r1.data.tokenizer import load_tokenizer
-
     t = cfg.training
-    ctx = init_parallel(cfg.parallel, t.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    check_vocab(cfg, tokenizer)
-    template = get_template(cfg.data.template, tokenizer)
-    train = load_dataset(cfg.data.source, field_map=cfg.data.field_map or None, split="train",
-                         skip_bad_rows=cfg.data.skip_bad_rows, **cfg.data.options)
-    if not train:
-        raise DataError(f"{cfg.data.source}: no training samples")
-    rows = build_sft_rows(train, tokenizer, template, cfg.model.seq_length)
+    stage = start_stage(cfg)
+    tokenizer, seq = stage.tokenizer, cfg.model.seq_length
+    train = stage.samples("train")
+    rows = build_sft_rows(train, tokenizer, stage.template, seq)
     if rows.truncated:
         log.warning("sft: %d of %d samples are longer than model.seq_length=%d and were cut", rows.truncated,
-                    len(train), cfg.model.seq_length)
+                    len(train), seq)
     dataset = PackedLMDataset(rows.tokens, tokenizer.pad_id, t.seed, target_mask=rows.target_mask)
     eval_set = None
     if t.eval_interval or cfg.data.eval_source:
-        held = load_dataset(cfg.data.eval_source or cfg.data.source, field_map=cfg.data.field_map or None,
-                            split="test", **cfg.data.options)
+        held = stage.samples("test")
         if held:
-            er = build_sft_rows(held, tokenizer, template, cfg.model.seq_length)
+            er = build_sft_rows(held, tokenizer, stage.template, seq)
             eval_set = PackedLMDataset(er.tokens, tokenizer.pad_id, t.seed, target_mask=er.target_mask)
     steps = t.train_steps
     if t.num_epochs is not None:
         steps = max(1, math.ceil(t.num_epochs * len(dataset) / t.global_batch_size))
-    state = build_train_state(cfg, ctx, steps)
+    state = build_train_state(cfg, stage.ctx, steps)
     resume_or_init(state)
-    n_micro = num_microbatches(cfg, ctx.dp_size)
-    last: dict = {}
+    n_micro = num_microbatches(cfg, stage.ctx.dp_size)
 
     def one_step(state):
         metrics = lm_train_step(state, dataset, n_micro)
         if eval_set is not None and ((t.eval_interval and state.step % t.eval_interval == 0) or state.step == steps):
-            metrics["eval/loss"] = heldout_loss(state, eval_set, cfg, ctx.device, t.eval_batches)
-        last.clear()
-        last.update(metrics)
+            metrics["eval/loss"] = heldout_loss(state, eval_set, cfg, stage.ctx.device, t.eval_batches)
         return metrics
 
-    run_loop(state, steps, one_step, desc="sft")
-    return dict(last)
+    return run_loop(state, steps, one_step, desc="sft")

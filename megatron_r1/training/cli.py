@@ -10,7 +10,7 @@ STAGE_RUNNERS = {
     "pretrain": "megatron_r1.training.pretrain:run_pretrain",
     "sft": "megatron_r1.sft.trainer:run_sft",
     "grpo": "megatron_r1.rl.trainer:run_grpo",
-    "reward_model": "megatron_r1.rewards.reward_model_trainer:run_reward_model",
+    "reward_model": "megatron_r1.reward_model.trainer:run_reward_model",
 }
 
 

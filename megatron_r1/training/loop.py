@@ -25,8 +25,10 @@ def maybe_kill_for_test(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def resume_or_init(state: TrainState) -> Optional[str]:
-    """Resume from `checkpoint.save` if it holds a checkpoint, else initialise from `checkpoint.load` if given.
+def resume_or_init(state: TrainState,
+                   init_from: Optional[Callable[[TrainState, str], None]] = None) -> Optional[str]:
+    """Resume from `checkpoint.save` if it holds a checkpoint, else initialise from `checkpoint.load` if given
+    (with `init_from(state, dir)` when the stage loads only part of its model there, as the reward model's trunk).
 
     Returns the directory loaded from (None when starting fresh)."""
     from megatron_r1.checkpoint import latest_checkpoint, load_checkpoint
@@ -36,6 +38,9 @@ def resume_or_init(state: TrainState) -> Optional[str]:
         load_checkpoint(state, ck.save, load_optimizer=True, finetune=False)
         return ck.save
     if ck.load:
+        if init_from is not None:
+            init_from(state, ck.load)
+            return ck.load
         ok = load_checkpoint(state, ck.load, load_optimizer=ck.load_optimizer and not ck.finetune,
                              finetune=ck.finetune)
         if not ok:
@@ -52,8 +57,9 @@ def write_run_config(cfg: Config, run_dir: Path) -> None:
 
 
 def run_loop(state: TrainState, total_steps: int, run_one_step: Callable[[TrainState], dict], desc: str,
-             on_save: Optional[Callable[[TrainState], None]] = None) -> MetricsLogger:
-    """Drive `run_one_step` from `state.step` to `total_steps` with logging, checkpoints and a progress bar."""
+             on_save: Optional[Callable[[TrainState], None]] = None) -> dict:
+    """Drive `run_one_step` from `state.step` to `total_steps` with logging, checkpoints and a progress bar;
+    return the last step's metrics (empty when a resumed run had no step left)."""
     from megatron_r1.checkpoint import save_checkpoint
 
     cfg = state.config
@@ -70,6 +76,7 @@ def run_loop(state: TrainState, total_steps: int, run_one_step: Callable[[TrainS
         bar = tqdm(total=total_steps, initial=state.step, desc=desc, dynamic_ncols=True)
     ck = cfg.checkpoint
     ran = False
+    metrics: dict = {}
     try:
         while state.step < total_steps:
             ran = True
@@ -96,4 +103,4 @@ def run_loop(state: TrainState, total_steps: int, run_one_step: Callable[[TrainS
         metrics_logger.close()
     if is_log and cfg.logging.plots:
         plot_run(run_dir)
-    return metrics_logger
+    return dict(metrics)

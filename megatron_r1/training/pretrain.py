@@ -11,10 +11,9 @@ from functools import partial
 
 
 from megatron_r1.config import Config
-from megatron_r1.errors import ConfigError
-from megatron_r1.parallel import init_parallel
 from megatron_r1.training.lm_data import PackedLMDataset, pack_documents, read_text_documents, to_device
 from megatron_r1.training.loop import resume_or_init, run_loop
+from megatron_r1.training.prologue import num_microbatches, start_stage
 from megatron_r1.training.setup import build_train_state
 from megatron_r1.training.step import train_step
 
@@ -33,20 +32,6 @@ def lm_forward_step(data_iterator, model, device=None):
         return loss, {"loss": loss.detach().clone(), "tokens": mask.sum().detach()}
 
     return output, loss_func
-
-
-def num_microbatches(cfg: Config, dp_size: int) -> int:
-    t = cfg.training
-    if t.global_batch_size % (t.micro_batch_size * dp_size) != 0:
-        raise ConfigError(f"training.global_batch_size: {t.global_batch_size} is not a multiple of "
-                          f"micro_batch_size × data-parallel size ({t.micro_batch_size}×{dp_size})")
-    return t.global_batch_size // (t.micro_batch_size * dp_size)
-
-
-def check_vocab(cfg: Config, tokenizer) -> None:
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size}, {cfg.tokenizer.path})")
 
 
 def build_lm_dataset(cfg: Config, tokenizer) -> PackedLMDataset:
@@ -79,22 +64,10 @@ def lm_train_step(state, dataset: PackedLMDataset, n_micro: int) -> dict:
 
 def run_pretrain(cfg: Config) -> dict:
     """Train for `training.train_steps` steps (resuming if `checkpoint.save` has a checkpoint); return last metrics."""
-    from megatron_r1.data.tokenizer import load_tokenizer
-
-    ctx = init_parallel(cfg.parallel, cfg.training.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    check_vocab(cfg, tokenizer)
-    dataset = build_lm_dataset(cfg, tokenizer)
-    state = build_train_state(cfg, ctx, cfg.training.train_steps)
+    stage = start_stage(cfg)
+    dataset = build_lm_dataset(cfg, stage.tokenizer)
+    state = build_train_state(cfg, stage.ctx, cfg.training.train_steps)
     resume_or_init(state)
-    n_micro = num_microbatches(cfg, ctx.dp_size)
-    last: dict = {}
-
-    def one_step(state):
-        metrics = lm_train_step(state, dataset, n_micro)
-        last.clear()
-        last.update(metrics)
-        return metrics
-
-    run_loop(state, cfg.training.train_steps, one_step, desc="pretrain")
-    return dict(last)
+    n_micro = num_microbatches(cfg, stage.ctx.dp_size)
+    return run_loop(state, cfg.training.train_steps, lambda state: lm_train_step(state, dataset, n_micro),
+                    desc="pretrain")

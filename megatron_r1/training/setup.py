@@ -38,11 +38,12 @@ class TrainState:
         return [unwrap(m) for m in self.model]
 
 
-def build_ddp_model(cfg: Config, trainable: bool = True):
-    """This rank's model chunk, wrapped in Megatron DDP (grad buffers, DP all-reduce) when trainable."""
+def build_ddp_model(cfg: Config, trainable: bool = True, module=None):
+    """This rank's model chunk (`module`, or the GPTModel of `cfg.model`), wrapped in Megatron DDP (grad buffers,
+    DP all-reduce) when trainable. The reward model passes its own module (a GPTModel trunk with a head)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
+    model = module if module is not None else build_model(cfg.model, cfg.parallel, cfg.training.precision)
     if cfg.training.recompute_activations:
         model.config.recompute_granularity = "full"
         model.config.recompute_method = "uniform"
@@ -63,6 +64,10 @@ def build_ddp_model(cfg: Config, trainable: bool = True):
     return ddp
 
 
+# OptimizerConfig fields of the same name and meaning in our `optimizer:` section
+_ADAM_FIELDS = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad")
+
+
 def build_optimizer(cfg: Config, model_chunks: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -75,13 +80,7 @@ def build_optimizer(cfg: Config, model_chunks: list):
         )
     ocfg = OptimizerConfig(
         optimizer="adam",
-        lr=o.lr,
-        min_lr=o.min_lr,
-        weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2,
-        adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad,
+        **{name: getattr(o, name) for name in _ADAM_FIELDS},
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -131,8 +130,10 @@ def attach_schedule_hooks(model_chunks: list) -> None:
         config.no_sync_func = model_chunks[0].no_sync
 
 
-def build_train_state(cfg: Config, ctx: ParallelContext, total_steps: Optional[int] = None) -> TrainState:
-    model = build_ddp_model(cfg)
+def build_train_state(cfg: Config, ctx: ParallelContext, total_steps: Optional[int] = None,
+                      module=None) -> TrainState:
+    """DDP model chunk (of `module` when given), optimizer and LR schedule over `total_steps` optimizer steps."""
+    model = build_ddp_model(cfg, module=module)
     attach_schedule_hooks([model])
     optimizer = build_optimizer(cfg, [model])
     scheduler = build_scheduler(cfg, optimizer, total_steps)

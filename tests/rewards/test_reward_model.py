@@ -10,7 +10,7 @@ from tests.rl.common import TINY
 
 def _train_and_score(rank, world, tmp):
     from megatron_r1.rewards import get_reward
-    from megatron_r1.rewards.reward_model_trainer import run_reward_model
+    from megatron_r1.reward_model.trainer import run_reward_model
 
     cfg = config_from_dict({
         "stage": "reward_model", "model": dict(TINY, seq_length=96), "tokenizer": {"path": "builtin:demo"},

@@ -12,15 +12,15 @@ from pathlib import Path
 import torch
 
 from megatron_r1.config import Config
-from megatron_r1.errors import DataError
+from megatron_r1.errors import ConfigError
 from megatron_r1.logging import get_logger
-from megatron_r1.parallel import init_parallel
-from megatron_r1.rewards.preference_data import load_preferences
-from megatron_r1.rewards.reward_model import bradley_terry_loss, build_reward_model, encode_pairs
+from megatron_r1.models.unwrap import unwrap
+from megatron_r1.reward_model.model import bradley_terry_loss, build_reward_model, encode_pairs
+from megatron_r1.reward_model.preferences import load_preferences
 from megatron_r1.training.lm_data import EpochOrder
-from megatron_r1.training.loop import run_loop
-from megatron_r1.training.pretrain import check_vocab, num_microbatches
-from megatron_r1.training.setup import TrainState, attach_schedule_hooks, build_optimizer, build_scheduler
+from megatron_r1.training.loop import resume_or_init, run_loop
+from megatron_r1.training.prologue import num_microbatches, start_stage
+from megatron_r1.training.setup import build_train_state
 from megatron_r1.training.step import train_step
 
 log = get_logger()
@@ -71,57 +71,38 @@ def pairwise_accuracy(model_chunks, rows, tokenizer, template, seq_length: int, 
             "loss": sum(float(o["loss"]) for o in outs) / len(outs)}
 
 
+def _load_trunk(state, load_dir: str) -> None:
+    """`checkpoint.load` is an LM checkpoint (SFT or base): its weights go into the trunk, the head starts fresh."""
+    from megatron_r1.checkpoint import load_model_only
+
+    load_model_only(unwrap(state.model[0]).lm, load_dir)
+    state.optimizer.reload_model_params()
+
+
 def run_reward_model(cfg: Config) -> dict:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    from megatron_r1.checkpoint import latest_checkpoint, load_checkpoint, load_model_only
-    from megatron_r1.data.templates import get_template
-    from megatron_r1.data.tokenizer import load_tokenizer
-
+    """Train the reward model for `training.train_steps` steps (resumable); held-out pairwise accuracy every
+    `training.eval_interval` steps and at the end, also written to `run_dir/reward_model_eval.json`."""
     t = cfg.training
-    ctx = init_parallel(cfg.parallel, t.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
-    check_vocab(cfg, tokenizer)
-    template = get_template(cfg.data.template, tokenizer)
-    train = load_preferences(cfg.data.source, "train", cfg.data.field_map or None, **cfg.data.options)
-    held = load_preferences(cfg.data.eval_source or cfg.data.source, "test", cfg.data.field_map or None,
-                            **cfg.data.options)
-    if not train:
-        raise DataError(f"{cfg.data.source}: no preference pairs for training")
     if t.global_batch_size % 2 or t.micro_batch_size % 2:
-        from megatron_r1.errors import ConfigError
-
         raise ConfigError("training.micro_batch_size / global_batch_size: count rows, two per preference pair; "
                           "both must be even")
-    rm = build_reward_model(cfg)
-    ddp = DistributedDataParallel(config=rm.config, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer), module=rm)
-    attach_schedule_hooks([ddp])
-    optimizer = build_optimizer(cfg, [ddp])
-    scheduler = build_scheduler(cfg, optimizer, t.train_steps)
-    state = TrainState(model=[ddp], optimizer=optimizer, scheduler=scheduler, config=cfg, ctx=ctx)
-    ck = cfg.checkpoint
-    if ck.save and latest_checkpoint(ck.save) is not None:
-        load_checkpoint(state, ck.save)
-    elif ck.load:
-        load_model_only(rm.lm, ck.load)  # trunk from an LM checkpoint; the head starts fresh
-        optimizer.reload_model_params()
+    stage = start_stage(cfg)
+    ctx, tokenizer, template = stage.ctx, stage.tokenizer, stage.template
+    train = stage.samples("train", loader=load_preferences)
+    held = stage.samples("test", loader=load_preferences)
+    state = build_train_state(cfg, ctx, t.train_steps, module=build_reward_model(cfg))
+    resume_or_init(state, init_from=_load_trunk)
     n_micro = num_microbatches(cfg, ctx.dp_size)
     pairs_per_micro = t.micro_batch_size // 2
     pairs_per_step = t.global_batch_size // 2
     seq = cfg.model.seq_length
-
     order = EpochOrder(len(train), t.seed * 31)
-
-    def order_from(start: int, count: int) -> list[int]:
-        return [order(i) for i in range(start, start + count)]
-
-    last: dict = {}
 
     def one_step(state):
         per_rank = pairs_per_step // ctx.dp_size
-        order = order_from(state.consumed_samples + ctx.dp_rank * per_rank, per_rank)
-        batches = _pair_batches(train, order, tokenizer, template, seq, pairs_per_micro, ctx.device)
+        start = state.consumed_samples + ctx.dp_rank * per_rank
+        picked = [order(i) for i in range(start, start + per_rank)]
+        batches = _pair_batches(train, picked, tokenizer, template, seq, pairs_per_micro, ctx.device)
         result = train_step(state, _forward_step, batches, n_micro, seq, t.micro_batch_size)
         state.consumed_samples += pairs_per_step
         state.step += 1
@@ -130,15 +111,13 @@ def run_reward_model(cfg: Config) -> dict:
         if held and ((t.eval_interval and state.step % t.eval_interval == 0) or state.step == t.train_steps):
             ev = pairwise_accuracy(state.model, held, tokenizer, template, seq, ctx.device)
             m.update({f"eval/{k}": v for k, v in ev.items()})
-        last.clear()
-        last.update(m)
         return m
 
-    run_loop(state, t.train_steps, one_step, desc="reward_model")
+    last = run_loop(state, t.train_steps, one_step, desc="reward_model")
     if ctx.is_logging_rank and "eval/pairwise_accuracy" in last:
         out = Path(cfg.logging.run_dir) / "reward_model_eval.json"
         out.write_text(json.dumps({"heldout_pairs": len(held), "pairwise_accuracy": last["eval/pairwise_accuracy"],
                                    "loss": last.get("eval/loss")}, indent=2) + "\n")
         log.info("reward model: held-out pairwise accuracy %.3f on %d pairs", last["eval/pairwise_accuracy"],
                  len(held))
-    return dict(last)
+    return last

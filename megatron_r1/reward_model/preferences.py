@@ -84,15 +84,21 @@ def generate_preferences(num_samples: int = 2000, seed: int = 0, split: str = "t
     return out
 
 
-def load_preferences(source: str, split: str, field_map: dict | None = None, **options) -> list[dict]:
-    """Preference rows from `builtin:preferences` or any dataset with prompt/chosen/rejected fields."""
+def load_preferences(source: str, /, field_map: dict | None = None, split: str = "train",
+                     skip_bad_rows: bool = False, **options) -> list[dict]:
+    """Preference rows from `builtin:preferences` or any dataset with prompt/chosen/rejected fields (the signature
+    of `data.load_dataset`, so a stage's prologue loads either). A row without a chosen or rejected text is an
+    error naming it, or skipped with `skip_bad_rows`."""
     if source == "builtin:preferences":
         return generate_preferences(split=split, **options)
     from megatron_r1.data import load_dataset
 
-    rows = load_dataset(source, field_map=field_map, split=split, **options)
+    rows = load_dataset(source, field_map=field_map, split=split, skip_bad_rows=skip_bad_rows, **options)
+    kept = []
     for i, r in enumerate(rows):
-        for key in ("chosen", "rejected"):
-            if not isinstance(r.get(key), str) or not r[key]:
-                raise DataError(f"{source}: row {r.get('id', i)}: preference field {key!r} missing or empty")
-    return rows
+        bad = next((key for key in ("chosen", "rejected") if not isinstance(r.get(key), str) or not r[key]), None)
+        if bad is None:
+            kept.append(r)
+        elif not skip_bad_rows:
+            raise DataError(f"{source}: row {r.get('id', i)}: preference field {bad!r} missing or empty")
+    return kept
