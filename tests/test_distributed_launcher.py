@@ -128,7 +128,7 @@ def test_ranks_die_with_a_killed_test_process(tmp_path):
         assert ranks and _wait_dead(ranks) == [], "ranks outlived the process that launched them"
 
 
-@pytest.mark.parametrize("outcome", ["exits", "killed", "times out"])
+@pytest.mark.parametrize("outcome", ["exits", "killed", pytest.param("times out", marks=pytest.mark.slow)])
 def test_reaped_ends_what_a_cli_subprocess_left(tmp_path, outcome):
     """The kill/resume tests' pattern: a subprocess in its own session whose helpers outlive it."""
     program = STRAYS + textwrap.dedent(f"""

@@ -47,7 +47,10 @@ def _cpu_key() -> bytes:
 
 def _build_dir(src: Path) -> Path:
     root = cache_root()
-    digest = hashlib.sha1(torch.__version__.encode() + _cpu_key() + src.read_bytes())
+    # The torch install's path too: the build command names its headers, so two venvs sharing one directory would
+    # each see the other's command and rebuild (~45 s) on every switch.
+    digest = hashlib.sha1(torch.__version__.encode() + Path(torch.__file__).parent.as_posix().encode() + _cpu_key()
+                          + src.read_bytes())
     return root / f"{EXT_NAME}_{digest.hexdigest()[:12]}"
 
 

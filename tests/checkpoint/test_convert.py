@@ -181,6 +181,7 @@ def test_logits_match_hf_tp2(converted):
                                        msg=lambda s, arch=arch, source=source: f"{arch} via {source}: {s}")
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("arch,layout", [("deepseek_v3", dict(ep=2)), ("llama", dict(tp=2))])
 def test_written_by_several_ranks_loads_at_tp1(converted, arch, layout, tmp_path):
     hf, _, ref = converted[arch]

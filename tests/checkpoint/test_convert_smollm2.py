@@ -2,11 +2,12 @@
 converted to Megatron gives transformers' logits; converted back gives the same tensors."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.checkpoint.smollm2 import needs_smollm2, smollm2_gguf
 
-pytestmark = needs_smollm2
+pytestmark = [needs_smollm2, pytest.mark.slow]  # real weights
 
 
 def test_smollm2_135m_logits_and_round_trip(tmp_path):

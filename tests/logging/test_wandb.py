@@ -62,6 +62,7 @@ def test_without_wandb_the_run_warns_and_keeps_logging(tmp_path, monkeypatch):
     assert read_metrics(tmp_path / "run")[0]["reward"] == 0.5
 
 
+@pytest.mark.slow  # starts wandb's service process
 def test_a_real_offline_run_writes_its_history_locally(tmp_path, monkeypatch):
     pytest.importorskip("wandb")  # the dev extra installs it
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -47,6 +47,7 @@ def test_build_env_points_at_the_pip_cuda_headers():
         assert any(Path(p, "cublas_v2.h").exists() for p in env["CPATH"].split(os.pathsep))
 
 
+@pytest.mark.slow  # nvcc compiles the kernels (~40 s)
 def test_extension_builds_and_imports(ext):
     for name in ("lse_forward", "lse_backward", "policy_loss_forward", "group_advantages"):
         assert callable(getattr(ext, name))
@@ -58,6 +59,7 @@ def test_extension_builds_and_imports(ext):
             ext.lse_forward(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 0, 1.0, False)
 
 
+@pytest.mark.slow
 def test_dispatch_would_select_the_extension(ext, monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     assert select_backend("cuda", available={"cuda", "triton", "torch", "reference"}) == "cuda"

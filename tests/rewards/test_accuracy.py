@@ -97,6 +97,7 @@ def test_batch_of_64_is_fast_after_warmup(accuracy):
     assert time.monotonic() - start < 1.0
 
 
+@pytest.mark.slow  # waits out a worker timeout
 def test_pool_kills_and_replaces_an_unresponsive_worker():
     """The hard wall-clock limit, for work stuck where math-verify's signal timeout cannot interrupt it."""
     pool = VerifyPool(num_workers=1, timeout=1)

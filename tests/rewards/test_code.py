@@ -32,6 +32,7 @@ def test_assert_snippets_and_apps_layout(code):
     assert code([fn, ADD], samples) == [0.5, 1.0]
 
 
+@pytest.mark.slow  # runs bombs to their limits
 def test_hostile_program_scores_zero_and_run_continues(code):
     loop = "```python\nwhile True:\n    pass\n```"
     net = "```python\nimport urllib.request\nprint(urllib.request.urlopen('http://example.com').read()[:10])\n```"

@@ -44,7 +44,8 @@ def test_runs_a_normal_program():
     assert (r.returncode, r.stdout, r.timed_out) == (0, "6\n", False)
 
 
-@pytest.mark.parametrize("source", ["while True:\n    pass\n", "import time\ntime.sleep(60)\n"])
+@pytest.mark.parametrize("source", ["while True:\n    pass\n",
+                                    pytest.param("import time\ntime.sleep(60)\n", marks=pytest.mark.slow)])
 def test_infinite_loop_is_killed(source):
     start = time.monotonic()
     r = run_python(source, "", FAST)

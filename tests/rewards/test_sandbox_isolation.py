@@ -25,7 +25,13 @@ UNISOLATED = unisolated_capabilities()
 isolated = pytest.mark.skipif(CAPS.isolation is None, reason=f"no isolation mechanism here: {CAPS.missing}")
 with_cgroups = pytest.mark.skipif(CAPS.cgroups is None, reason=f"no per-run cgroups here: {CAPS.missing}")
 # Controls need the unisolated path to run as another uid than ours (root drops to a per-run uid), like a trainer.
-control = pytest.mark.skipif(not UNISOLATED.per_run_uid, reason="the unisolated control needs root (uid drop)")
+# They show what isolation prevents (the same attack succeeds without it); the full suite runs them, the fast lane
+# keeps the isolated side only.
+_needs_uid_drop = pytest.mark.skipif(not UNISOLATED.per_run_uid, reason="the unisolated control needs root (uid drop)")
+
+
+def control(test):
+    return pytest.mark.slow(_needs_uid_drop(test))
 
 
 def run(program: str, isolated_run: bool, **kw):
@@ -372,6 +378,7 @@ print(score, heapq.nlargest(1, counts)[0], fractions.Fraction(score, 4), statist
 
 
 @isolated
+@pytest.mark.slow
 def test_code_reward_scores_a_correct_program_next_to_bombs():
     reward = get_reward("code", wall_seconds=20.0, cpu_seconds=3, memory_mb=128, max_processes=16, max_parallel=3)
     fork_bomb = "```python\nimport os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n```"

@@ -39,6 +39,7 @@ def test_shipped_base_is_small_and_says_how_it_was_made(configs):
     assert held["k"] == 8 and held["problems"] == 64 and 0.0 < held["pass@1"] < 1.0
 
 
+@pytest.mark.slow  # evaluates the shipped weights
 def test_shipped_base_loads_matches_its_shape_and_recorded_figures(configs):
     pre_cfg, rl_cfg = configs
     p = read_provenance(SHIPPED)

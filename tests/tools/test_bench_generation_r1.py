@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench_generation  # noqa: E402
 
 
-@pytest.mark.parametrize("preset", ["llama_tiny", "deepseek_v3_tiny"])
+@pytest.mark.parametrize("preset", ["llama_tiny", pytest.param("deepseek_v3_tiny", marks=pytest.mark.slow)])
 def test_r1_workload_quick(preset, capsys):
     res = bench_generation.main(["--workload", "r1", "--quick", "--preset", preset, "--threads", "1"])
     c, p = res["contiguous"], res["paged"]

@@ -166,6 +166,7 @@ def _tiny_wheel(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # pip installs the repository
 def test_the_wrapper_installs_carried_wheels_without_the_network(tmp_path):
     """The device path: wheels from GPU_CHECK_WHEELS go into the site (pip --no-index), then the repository;
     gpu_check.py gets the extra arguments (here a bad section, so it stops at once with argparse's error)."""
