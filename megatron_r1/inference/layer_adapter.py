@@ -16,7 +16,8 @@ weight is `layer_norm_weight`) and leaves the norm slot an `IdentityOp`:
     pre_mlp_layernorm.weight                pre_mlp_layernorm.weight (TENorm)                  (MoE layers)
 
 `read_model` walks the model once and returns plain records of the Parameter objects (held, not copied: an
-optimizer step or DDP re-pointing `.data` is seen), whichever layout it finds. `check_config` and the walk refuse,
+optimizer step or DDP re-pointing `.data` is seen), whichever layout it finds. The contract's table
+(`parity.py`: config fields and module types) and the walk refuse,
 with a `ConfigError` naming the config field or the module path, everything the functional forward does not
 reproduce (LayerNorm, other activations, biases, windowed attention, rope variants, router options, ...): a model
 the generator cannot reproduce fails at engine construction instead of sampling from different log-probs than
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from megatron_r1.errors import ConfigError
+from megatron_r1.inference.parity import check_config, require_module
 
 # TE name -> local name, applied to the tail of a parameter name (also inside MTP layers).
 _TE_TO_LOCAL = [
@@ -122,58 +123,6 @@ class ModelWeights:
         return out + [self.final_norm]
 
 
-# ----------------------------------------------------------------------------------------------- config
-def _refuse(field: str, why: str):
-    raise ConfigError(f"inference: {field}: {why}; the generator does not reproduce it (it would sample from "
-                      f"log-probs other than the trainer's)")
-
-
-def check_config(cfg) -> None:
-    """Every TransformerConfig field that changes the forward and is not reproduced: ConfigError naming it."""
-    g = lambda name, default=None: getattr(cfg, name, default)  # noqa: E731 (fields differ between mcore versions)
-    if g("normalization") != "RMSNorm":
-        _refuse("normalization", f"{g('normalization')!r} (only RMSNorm is implemented)")
-    if g("layernorm_zero_centered_gamma"):
-        _refuse("layernorm_zero_centered_gamma", "zero-centred norm weights")
-    if not g("gated_linear_unit") or g("activation_func") is not F.silu:
-        _refuse("activation_func/gated_linear_unit", "only SwiGLU (silu, gated) is implemented")
-    for name, ok in (("glu_linear_offset", lambda v: not v), ("activation_func_clamp_value", lambda v: v is None),
-                     ("add_bias_linear", lambda v: not v), ("fp32_residual_connection", lambda v: not v),
-                     ("apply_residual_connection_post_layernorm", lambda v: not v),
-                     ("rotary_interleaved", lambda v: not v), ("window_size", lambda v: v is None),
-                     ("softmax_type", lambda v: v in (None, "vanilla")), ("qk_l2_norm", lambda v: not v),
-                     ("attention_output_gate", lambda v: not v), ("no_rope_freq", lambda v: v is None),
-                     ("experimental_attention_variant", lambda v: v is None),
-                     ("linear_attention_freq", lambda v: v is None), ("mrope_section", lambda v: v is None),
-                     ("is_hybrid_model", lambda v: not v), ("heterogeneous_block_specs", lambda v: not v),
-                     ("fp8", lambda v: v is None), ("fp4", lambda v: v is None),
-                     ("moe_shared_expert_gate", lambda v: not v),
-                     ("moe_router_force_load_balancing", lambda v: not v),
-                     ("moe_input_jitter_eps", lambda v: v is None),
-                     ("moe_expert_capacity_factor", lambda v: v is None),
-                     ("moe_apply_probs_on_input", lambda v: not v), ("moe_latent_size", lambda v: v is None),
-                     ("moe_grouped_gemm", lambda v: not v), ("use_te_activation_func", lambda v: not v)):
-        if not ok(g(name)):
-            _refuse(name, f"set to {g(name)!r}")
-    mla = bool(g("multi_latent_attention"))
-    if g("softmax_scale") is not None and not mla:
-        _refuse("softmax_scale", "a custom attention scale (1/sqrt(head_dim) is implemented)")
-    if g("qk_layernorm") and not mla:
-        _refuse("qk_layernorm", "query/key norms of dense attention")
-    if mla:
-        if g("rope_type") not in ("rope", "yarn"):
-            _refuse("rope_type", f"{g('rope_type')!r} (rope and yarn are implemented)")
-        if g("rotary_percent", 1.0) != 1.0:
-            _refuse("rotary_percent", "rotary embedding on part of MLA's rope dimensions")
-    if g("num_moe_experts"):
-        if g("moe_router_score_function") not in ("sigmoid", "softmax"):
-            _refuse("moe_router_score_function", f"{g('moe_router_score_function')!r}")
-        if g("moe_router_dtype") not in (None, "fp32", "fp64"):
-            _refuse("moe_router_dtype", f"{g('moe_router_dtype')!r}")
-    # mtp_num_layers: accepted. MTP heads add a training loss on the last stage; the main head's logits, which
-    # generation samples from, do not depend on them (tested against a GPTModel without MTP).
-
-
 # ----------------------------------------------------------------------------------------------- modules
 def _kind(mod) -> str:
     return type(mod).__name__
@@ -188,19 +137,17 @@ def _bias(mod) -> Optional[torch.Tensor]:
 def _norm(mod, where: str, cfg) -> Optional[Norm]:
     """The RMSNorm a norm module applies; None for IdentityOp; ConfigError for anything else (LayerNorm, L2Norm).
     A norm class that keeps no `eps` attribute was built (by Megatron's specs) with config.layernorm_epsilon."""
-    kind = _kind(mod)
-    if kind == "IdentityOp":
+    if require_module(mod, "norm", where) == "IdentityOp":
         return None
     # our local RMSNorm, torch.nn.RMSNorm (Megatron's WrappedTorchNorm builds one), TE's RMSNorm (TENorm builds it)
-    if kind == "RMSNorm" and isinstance(getattr(mod, "weight", None), torch.Tensor):
+    if isinstance(getattr(mod, "weight", None), torch.Tensor):
         if getattr(mod, "zero_centered_gamma", False):
             raise ConfigError(f"inference: {where}: zero-centred RMSNorm weights are not implemented")
         eps = getattr(mod, "eps", cfg.layernorm_epsilon)
         if eps is None:  # torch.nn.RMSNorm(eps=None) uses the dtype's machine epsilon
             eps = torch.finfo(mod.weight.dtype).eps
         return Norm(mod.weight, float(eps), where)
-    raise ConfigError(f"inference: {where}: {kind} is not implemented (only RMSNorm): the generator would "
-                      "compute other log-probs than the model")
+    raise ConfigError(f"inference: {where}: an RMSNorm without a weight tensor is not implemented")
 
 
 def _fused_norm(linear, where: str) -> Optional[Norm]:
@@ -241,8 +188,7 @@ def _weight(linear, where: str, bias_ok: bool = False) -> torch.Tensor:
 
 
 def _mlp(mlp, where: str, fused_ok: bool) -> tuple[MLP, Optional[Norm]]:
-    if _kind(mlp) not in ("MLP", "SharedExpertMLP") or not hasattr(mlp, "linear_fc1"):
-        raise ConfigError(f"inference: {where}: {_kind(mlp)} is not implemented (Megatron's MLP is)")
+    require_module(mlp, "mlp", where)
     norm = _fused_norm(mlp.linear_fc1, f"{where}.linear_fc1")
     if norm is not None and not fused_ok:
         raise ConfigError(f"inference: {where}.linear_fc1: a fused norm inside an expert is not implemented")
@@ -250,10 +196,9 @@ def _mlp(mlp, where: str, fused_ok: bool) -> tuple[MLP, Optional[Norm]]:
 
 
 def _moe(moe, where: str) -> MoE:
+    require_module(moe, "moe", where)
     experts = moe.experts
-    if _kind(experts) != "SequentialMLP":
-        raise ConfigError(f"inference: {where}.experts: {_kind(experts)} is not implemented (SequentialMLP is; "
-                          "set moe_grouped_gemm=False)")
+    require_module(experts, "experts", f"{where}.experts")  # grouped-GEMM experts: moe_grouped_gemm=False
     local = [_mlp(e, f"{where}.experts.local_experts.{i}", False)[0] for i, e in enumerate(experts.local_experts)]
     shared = None
     if getattr(moe, "shared_experts", None) is not None:
@@ -266,7 +211,7 @@ def _moe(moe, where: str) -> MoE:
 
 
 def _attention(attn, where: str, cfg) -> tuple[Union[DenseAttention, MLAttention], Optional[Norm]]:
-    kind = _kind(attn)
+    kind = require_module(attn, "self_attention", where)
     if kind == "SelfAttention":
         for name in ("q_layernorm", "k_layernorm"):
             if getattr(attn, name, None) is not None and _kind(getattr(attn, name)) != "IdentityOp":
@@ -275,7 +220,7 @@ def _attention(attn, where: str, cfg) -> tuple[Union[DenseAttention, MLAttention
         norm = _fused_norm(attn.linear_qkv, f"{where}.linear_qkv")
         return DenseAttention(_weight(attn.linear_qkv, f"{where}.linear_qkv", bias_ok=True),
                               _bias(attn.linear_qkv), _weight(attn.linear_proj, f"{where}.linear_proj")), norm
-    if kind == "MLASelfAttention":
+    if kind == "MLASelfAttention":  # (the table's other entry)
         if _fused_norm(attn.linear_kv_down_proj, f"{where}.linear_kv_down_proj") is not None:
             raise ConfigError(f"inference: {where}.linear_kv_down_proj: a fused input norm is not implemented")
         kv_norm = _one_norm(_norm(attn.kv_layernorm, f"{where}.kv_layernorm", cfg),
@@ -291,15 +236,13 @@ def _attention(attn, where: str, cfg) -> tuple[Union[DenseAttention, MLAttention
         return MLAttention(**q, kv_down_w=_weight(attn.linear_kv_down_proj, f"{where}.linear_kv_down_proj"),
                            kv_norm=kv_norm, kv_up_w=_weight(attn.linear_kv_up_proj, f"{where}.linear_kv_up_proj"),
                            proj_w=_weight(attn.linear_proj, f"{where}.linear_proj")), None
-    raise ConfigError(f"inference: {where}: {kind} is not implemented (SelfAttention and MLASelfAttention are)")
+    raise AssertionError(f"parity.MODULES['self_attention'] lists {kind}, which _attention does not read")
 
 
 def _layer(layer, where: str, cfg) -> Layer:
-    if _kind(layer) != "TransformerLayer":
-        raise ConfigError(f"inference: {where}: {_kind(layer)} is not implemented (TransformerLayer is)")
+    require_module(layer, "layer", where)
     for name in ("cross_attention", "pre_cross_attn_layernorm"):
-        if _kind(getattr(layer, name)) != "IdentityOp":
-            raise ConfigError(f"inference: {where}.{name}: cross attention is not implemented")
+        require_module(getattr(layer, name), "cross_attention", f"{where}.{name}")
     attn, fused_in = _attention(layer.self_attention, f"{where}.self_attention", cfg)
     in_norm = _one_norm(_norm(layer.input_layernorm, f"{where}.input_layernorm", cfg), fused_in, where)
     mlp = layer.mlp

@@ -59,3 +59,30 @@ def sharded_models(state_files: dict):
 @pytest.fixture(scope="session")
 def models(parallel_tp1):
     return {name: make_model(name) for name in ("deepseek_v3_tiny", "llama_tiny", "qwen2_tiny")}
+
+
+SPEC_PRESETS = ["llama_tiny", "qwen2_tiny", "deepseek_v3_tiny"]
+
+
+def _standin(preset, local):
+    """A te_standin model holding `local`'s weights (moved by name through weights.full_state_dict)."""
+    import dataclasses
+
+    from megatron_r1.config import ParallelConfig
+    from megatron_r1.inference import weights
+    from megatron_r1.models import build_model, get_preset
+
+    cfg = dataclasses.replace(get_preset(preset), transformer_impl="te_standin")
+    model = build_model(cfg, ParallelConfig(), "fp32").eval()
+    weights.load_full_state_dict(model, weights.full_state_dict(local))
+    return model
+
+
+@pytest.fixture(scope="module")
+def pairs(parallel_tp1):
+    """{preset: (local-spec model, TE-layout stand-in with the same weights)} for every model family."""
+    out = {}
+    for preset in SPEC_PRESETS:
+        local = make_model(preset, seed=11)
+        out[preset] = (local, _standin(preset, local))
+    return out

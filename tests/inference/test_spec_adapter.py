@@ -1,40 +1,17 @@
 """The generator reads every spec right, or refuses it: Transformer Engine's fused-norm layout (through the CPU
 stand-in spec, `model.transformer_impl=te_standin`) gives the local spec's tokens and log-probs; every module and
 config field the functional forward does not reproduce raises a ConfigError naming it."""
-import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_r1.errors import ConfigError
 from megatron_r1.inference import Engine, SamplingParams, weights
 from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.layer_adapter import canonical_name, read_model
 
+from .conftest import SPEC_PRESETS as PRESETS
 from .conftest import make_model
-
-PRESETS = ["llama_tiny", "qwen2_tiny", "deepseek_v3_tiny"]
-
-
-def _standin(preset, local):
-    """A te_standin model holding `local`'s weights (moved by name through weights.full_state_dict)."""
-    from megatron_r1.config import ParallelConfig
-    from megatron_r1.models import build_model, get_preset
-
-    cfg = dataclasses.replace(get_preset(preset), transformer_impl="te_standin")
-    model = build_model(cfg, ParallelConfig(), "fp32").eval()
-    weights.load_full_state_dict(model, weights.full_state_dict(local))
-    return model
-
-
-@pytest.fixture(scope="module")
-def pairs(parallel_tp1):
-    out = {}
-    for preset in PRESETS:
-        local = make_model(preset, seed=11)
-        out[preset] = (local, _standin(preset, local))
-    return out
 
 
 def _kind(mod):
@@ -131,34 +108,7 @@ def test_refit_across_layouts(pairs):
 
 
 # ------------------------------------------------------------------------------------------------- refusals
-CONFIG_REFUSALS = [
-    ("llama_tiny", "normalization", "LayerNorm"),
-    ("llama_tiny", "activation_func", F.gelu),
-    ("llama_tiny", "gated_linear_unit", False),
-    ("llama_tiny", "add_bias_linear", True),
-    ("llama_tiny", "rotary_interleaved", True),
-    ("llama_tiny", "window_size", (16, 0)),
-    ("llama_tiny", "softmax_type", "learnable"),
-    ("llama_tiny", "softmax_scale", 0.1),
-    ("llama_tiny", "qk_layernorm", True),
-    ("llama_tiny", "layernorm_zero_centered_gamma", True),
-    ("llama_tiny", "fp8", "hybrid"),
-    ("deepseek_v3_tiny", "rope_type", "ntk"),
-    ("deepseek_v3_tiny", "moe_router_score_function", "sqrtsoftplus"),
-    ("deepseek_v3_tiny", "moe_expert_capacity_factor", 1.0),
-    ("deepseek_v3_tiny", "moe_shared_expert_gate", True),
-    ("deepseek_v3_tiny", "moe_input_jitter_eps", 0.01),
-    ("deepseek_v3_tiny", "moe_apply_probs_on_input", True),
-    ("deepseek_v3_tiny", "moe_grouped_gemm", True),
-]
-
-
-@pytest.mark.parametrize("preset,field,value", CONFIG_REFUSALS, ids=[f"{p}-{f}" for p, f, _ in CONFIG_REFUSALS])
-def test_unsupported_config_fields_are_refused_by_name(pairs, monkeypatch, preset, field, value):
-    local, _ = pairs[preset]
-    monkeypatch.setattr(local.config, field, value)
-    with pytest.raises(ConfigError, match=field):
-        FunctionalGPT(local, max_seq=16)
+# Config refusals are driven by the parity table itself: tests/inference/test_parity_contract.py.
 
 
 def test_unsupported_modules_are_refused_by_path(pairs, monkeypatch):
