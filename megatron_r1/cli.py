@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
+
+from megatron_r1 import __version__
+from megatron_r1.errors import UserError
 
 # Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. On a CPU shared with
 # other work (the generator, reward workers, a second rank), spinning threads were measured to make a GRPO step
@@ -38,23 +42,18 @@ def _usage() -> str:
 def _quiet_known_warnings() -> None:
     """Megatron-Core warns at import about optional GPU packages (TE, apex) whose fallbacks we test; users of the
     CLI should see their run, not those."""
-    import warnings
-
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_r1.errors import UserError
-
     _quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from megatron_r1 import __version__
 
         print(__version__)
         return 0

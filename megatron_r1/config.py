@@ -7,6 +7,7 @@ names the field (and the file) and says why.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +16,27 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from megatron_r1.choices import (NOUNS, AdvantageStd, Arch, Backend, BuiltinTemplate, KLEstimator, KVCache,
-                                 LossAgg, LRDecayStyle, Precision, RopeType, RouterScoreFunction, SingletonAdvantage,
-                                 Stage, TISLevel, TokenDispatcher, TransformerImpl, WandbMode)
+from megatron_r1.choices import (
+    NOUNS,
+    AdvantageStd,
+    Arch,
+    Backend,
+    BuiltinTemplate,
+    KLEstimator,
+    KVCache,
+    LossAgg,
+    LRDecayStyle,
+    Precision,
+    RopeType,
+    RouterScoreFunction,
+    SingletonAdvantage,
+    Stage,
+    TISLevel,
+    TokenDispatcher,
+    TransformerImpl,
+    WandbMode,
+)
+from megatron_r1.data.tokenizer import resolve_tokenizer
 from megatron_r1.errors import ConfigError
 from megatron_r1.presets import preset_fields
 
@@ -97,8 +116,6 @@ def get_preset(name: str, where: str = "model.preset") -> ModelConfig:
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
     """See ModelConfig.padded_vocab_size (a plain function for callers that only have the numbers)."""
-    import math
-
     step = multiple if multiple % tp == 0 else math.lcm(multiple, tp)
     return ((vocab_size + step - 1) // step) * step
 
@@ -456,7 +473,6 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), so
         cfg = _from_dict(Config, data, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    from megatron_r1.data.tokenizer import resolve_tokenizer
 
     resolve_tokenizer(cfg, source)
     validate(cfg, source=source)

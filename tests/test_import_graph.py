@@ -9,6 +9,7 @@ cycles may remain.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import megatron_r1
@@ -136,3 +137,73 @@ def test_imports_inside_functions_close_no_new_cycle():
 
 def test_the_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+# ------------------------------------------------------------------------------------------- deferred imports
+# Subprocess entry points that import as little as possible on purpose (they run inside the code sandbox).
+MINIMAL_IMPORT_MODULES = {"megatron_r1.rewards._sandbox_boot", "megatron_r1.rewards._sandbox_init",
+                          "megatron_r1.rewards._verify_worker"}
+
+
+def _third_party_at_top(mods: dict) -> dict[str, set[str]]:
+    """Per module, the third-party packages its top-level imports name (stdlib and megatron_r1 excluded)."""
+    out = {}
+    for module, path in mods.items():
+        roots = set()
+        for node in _top_level(ast.parse(path.read_text()).body):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            roots |= {n.split(".")[0] for n in names}
+        out[module] = {r for r in roots if r and r != NAME and r not in sys.stdlib_module_names}
+    return out
+
+
+def test_imports_inside_functions_defer_a_third_party_import():
+    """An import of our own modules or of the standard library inside a function must defer a third-party package
+    (torch, Megatron, transformers, ...) that the importing module does not load at import time already, so CLI
+    start-up stays fast; otherwise it belongs at the top. Imports in `try` (optional packages) and ones with a
+    comment on their line or the line above (saying why, e.g. a spawn-safe start method) are exempt."""
+    mods = _modules()
+    graph = import_graph(deferred=False)
+    own = _third_party_at_top(mods)
+    memo: dict[str, set[str]] = {}
+
+    def heavy(module: str, seen: frozenset = frozenset()) -> set[str]:
+        if module not in memo:
+            parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+            found = set(own[module])
+            for dep in (graph[module] | parents) & set(mods):
+                if dep not in seen:
+                    found |= heavy(dep, seen | {module})
+            memo[module] = found
+        return memo[module]
+
+    def exempt(tree) -> set[int]:
+        ids = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try):
+                ids |= {id(n) for n in ast.walk(node)}
+        return ids
+
+    needless = []
+    for module, path in sorted(mods.items()):
+        if module in MINIMAL_IMPORT_MODULES:
+            continue
+        tree = ast.parse(path.read_text())
+        lines = path.read_text().splitlines()
+        top = {id(n) for n in _top_level(tree.body)}
+        skip = exempt(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top | skip:
+                continue
+            if "#" in lines[node.end_lineno - 1] or lines[node.lineno - 2].strip().startswith("#"):
+                continue
+            targets = _imported(node, module, path.name == "__init__.py", mods)
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(n.split(".")[0] not in (NAME, "") and n.split(".")[0] not in sys.stdlib_module_names
+                   for n in names) and not getattr(node, "level", 0):
+                continue  # a third-party module: deferring it is the point
+            if not any(heavy(t) - heavy(module) for t in targets if t in mods):
+                needless.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert needless == [], ("imports inside functions that defer nothing heavy (move them to the top, or say why "
+                            "in a comment): " + "; ".join(needless))

@@ -12,8 +12,10 @@ named, a damaged one, one that does not fit the model) are CheckpointError namin
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterable, Optional
@@ -22,6 +24,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1.checkpoint import layout, rng
+from megatron_r1.config import dump_yaml
+from megatron_r1.data.tokenizer import (
+    CHECKPOINT_ASSETS,
+    checkpoint_assets_dir,
+    copy_tokenizer_files,
+    is_checkpoint_tokenizer,
+)
 from megatron_r1.errors import CheckpointError
 from megatron_r1.models.unwrap import unwrap
 from megatron_r1.parallel import cpu_compat
@@ -129,7 +138,6 @@ def save_checkpoint(state, save_dir: str | Path, keep_last: int = 2) -> Path:
     committed iterations are kept.
     """
     _require_dist()
-    from megatron_r1.config import dump_yaml
 
     save_dir = Path(save_dir)
     rank, world = _rank(), _world()
@@ -182,10 +190,6 @@ MODEL_ASSETS = ("config.json", "tensor_dtypes.json", "generation_config.json")
 def _config_to_record(cfg):
     """The config saved beside a checkpoint: a tokenizer that lives inside a checkpoint is recorded as `null`
     (this checkpoint's own copy, see carry_identity), never as a path into a directory that may be pruned."""
-    import copy
-
-    from megatron_r1.data.tokenizer import is_checkpoint_tokenizer
-
     if not is_checkpoint_tokenizer(cfg.tokenizer.path):
         return cfg
     cfg = copy.deepcopy(cfg)
@@ -198,14 +202,11 @@ def carry_identity(cfg, save_dir: Path, iter_dir: Path) -> Path:
     checkpoint the run started from (the previous checkpoint of `save_dir`, else `checkpoint.load`); returns it.
 
     So every stage's checkpoint serves, evaluates and exports with the tokenizer and config it was made with."""
-    from megatron_r1.data.tokenizer import CHECKPOINT_ASSETS, checkpoint_assets_dir, copy_tokenizer_files
-
     out = iter_dir / CHECKPOINT_ASSETS
     out.mkdir(exist_ok=True)
     sources = [save_dir] + ([cfg.checkpoint.load] if cfg.checkpoint.load else [])
     assets = next((a for a in map(checkpoint_assets_dir, sources) if a is not None), None)
     if assets is not None:
-        import shutil
 
         for name in MODEL_ASSETS:
             if (assets / name).is_file():
@@ -380,7 +381,6 @@ def save_model_only(model, directory: str | Path) -> Path:
     _barrier()
     if rank == 0:
         if directory.exists():
-            import shutil
 
             shutil.rmtree(directory)
         os.rename(tmp, directory)

@@ -12,6 +12,8 @@ import random
 import numpy as np
 import torch
 
+from megatron_r1.parallel import cpu_compat
+
 RNG_KEY = "rng_state"
 
 
@@ -19,7 +21,6 @@ def capture() -> dict:
     """This rank's generators: torch CPU (+ CUDA), Python, NumPy and Megatron's model-parallel tracker streams."""
     from megatron.core import tensor_parallel
 
-    from megatron_r1.parallel import cpu_compat
 
     cpu_compat.install()  # on CPU the tracker is ours; must be in place before asking for it
     state = {
@@ -36,7 +37,6 @@ def capture() -> dict:
 def restore(state: dict) -> None:
     from megatron.core import tensor_parallel
 
-    from megatron_r1.parallel import cpu_compat
 
     cpu_compat.install()
     torch.set_rng_state(state["torch_cpu"])

@@ -5,6 +5,7 @@ from collections import Counter
 
 from megatron_r1.data.loading import load_dataset
 from megatron_r1.data.templates import get_template
+from megatron_r1.data.tokenizer import load_tokenizer
 
 
 def preview(source: str, template: str = "r1_zero", n: int = 3, field_map: dict | None = None, split: str = "train",
@@ -21,7 +22,6 @@ def preview(source: str, template: str = "r1_zero", n: int = 3, field_map: dict 
              f"formatted prompt chars ({template}): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
              f"max {lengths[-1]}"]
     if tokenizer:
-        from megatron_r1.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
         ntok = sorted(len(tok.encode(tmpl.format(s["prompt"]))) for s in samples)

@@ -7,7 +7,13 @@ import os
 import signal
 import tempfile
 
+from megatron_r1.config import ParallelConfig, load_config
+from megatron_r1.data.tokenizer import tokenizer_for_checkpoint
 from megatron_r1.errors import UserError
+from megatron_r1.inference.engine import Engine
+from megatron_r1.inference.tokenizer import DEEPSEEK_NAMES, deepseek_v3_tokenizer_path, load_tokenizer
+from megatron_r1.models import build_model, get_preset
+from megatron_r1.parallel import init_parallel
 
 log = logging.getLogger("megatron_r1.serve")
 
@@ -44,9 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_config(args):
     """(ModelConfig, the tokenizer path the checkpoint's config.yaml records, or None)."""
-    from megatron_r1.config import load_config
-    from megatron_r1.models import get_preset
-
     if args.preset:
         return get_preset(args.preset, where="--preset"), None
     from megatron_r1.checkpoint import checkpoint_config_yaml
@@ -72,9 +75,6 @@ def _model_config(args):
 def tokenizer_spec(args, model_cfg, recorded: str | None) -> str:
     """--tokenizer, else the tokenizer the checkpoint carries, else the one its config records, else the demo
     tokenizer; one that cannot be the checkpoint's (another vocabulary) is a UserError naming both."""
-    from megatron_r1.data.tokenizer import tokenizer_for_checkpoint
-    from megatron_r1.inference.tokenizer import DEEPSEEK_NAMES, deepseek_v3_tokenizer_path
-
     explicit = args.tokenizer
     if explicit in DEEPSEEK_NAMES:
         explicit = str(deepseek_v3_tokenizer_path())
@@ -85,11 +85,6 @@ def build_engine(args):
     """The engine (model built, weights loaded or random) and the served model name."""
     import torch
 
-    from megatron_r1.config import ParallelConfig
-    from megatron_r1.inference.engine import Engine
-    from megatron_r1.inference.tokenizer import load_tokenizer
-    from megatron_r1.models import build_model
-    from megatron_r1.parallel import init_parallel
 
     if args.threads:
         torch.set_num_threads(args.threads)

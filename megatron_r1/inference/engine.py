@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_r1.errors import ConfigError, UserError
+from megatron_r1.inference import weights
 from megatron_r1.inference.cuda_graphs import StaticDecoder
 from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.paged_cache import blocks_for_memory, bytes_per_token
@@ -654,8 +655,6 @@ class Engine:
         `weights.full_state_dict(trainer_model)`), sliced into this rank's TP/EP shards and copied.
         Caches are invalidated: running requests are re-prefilled on the new weights.
         """
-        from megatron_r1.inference import weights
-
         t0 = time.perf_counter()
         with self._step_lock:
             if source is not None:

@@ -58,9 +58,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_r1.errors import ConfigError
-from megatron_r1.inference import layer_adapter
+from megatron_r1.inference import cpu_kernels, layer_adapter
+from megatron_r1.inference.paged_cache import PagedKVCache
 from megatron_r1.models.local_layers import rms_norm
-
 
 _NO_TABLE = torch.empty(0, dtype=torch.long)  # the fused step's block table for a contiguous cache
 
@@ -443,8 +443,6 @@ class FunctionalGPT:
     def new_paged_cache(self, max_batch: int, block_size: int = 16, num_blocks: Optional[int] = None,
                         device=None):
         """A `paged_cache.PagedKVCache` of `num_blocks` blocks (None: the contiguous cache's memory)."""
-        from megatron_r1.inference.paged_cache import PagedKVCache
-
         device = device or self.device
         return PagedKVCache(self.num_layers, self.cache_spec, max_batch, self.max_seq, self.dtype, device,
                             block_size=block_size, num_blocks=num_blocks)
@@ -781,7 +779,6 @@ class FunctionalGPT:
         if not self._fused_checked:
             self._fused_checked = True
             if self.fused_decode_reason() is None:
-                from megatron_r1.inference import cpu_kernels
 
                 if cpu_kernels.available():
                     layers, eps = [], []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from megatron_r1.data.tokenizer import load_tokenizer as load_data_tokenizer
 from megatron_r1.errors import UserError
 
 DEEPSEEK_NAMES = ("deepseek_v3", "deepseek-v3", "deepseek_r1", "deepseek-r1")
@@ -31,8 +32,6 @@ def deepseek_v3_tokenizer_path() -> Path:
 
 def load_tokenizer(spec: str):
     """A tokenizer with encode/decode/vocab_size/eos_id/pad_id/bos_id for `spec` (see module docstring)."""
-    from megatron_r1.data.tokenizer import load_tokenizer as load_data_tokenizer
-
     if spec in DEEPSEEK_NAMES:
         spec = str(deepseek_v3_tokenizer_path())
     return load_data_tokenizer(spec)

@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from megatron_r1.config import to_dict
 from megatron_r1.logging.console import get_logger as get_logger  # re-exported: its home before console.py
 from megatron_r1.logging.wandb_sink import open_wandb
 
@@ -56,8 +57,6 @@ class MetricsLogger:
     @classmethod
     def from_config(cls, cfg, enabled: bool = True) -> "MetricsLogger":
         """The sinks `cfg.logging` asks for; wandb also receives the whole run config."""
-        from megatron_r1.config import to_dict
-
         lg = cfg.logging
         return cls(lg.run_dir, enabled=enabled, tensorboard=lg.tensorboard, wandb=lg.wandb,
                    wandb_project=lg.wandb_project, wandb_mode=lg.wandb_mode,

@@ -7,6 +7,7 @@ when TE is installed on a GPU (`auto`), local (pure torch) modules otherwise, or
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Optional
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_r1.config import ModelConfig, ParallelConfig, padded_vocab_size  # noqa: F401 (re-exported)
+from megatron_r1.errors import ConfigError
 from megatron_r1.models.positions import install_position_bridge
 from megatron_r1.parallel import cpu_compat
 
@@ -175,8 +177,6 @@ def resolve_transformer_impl(m: Optional[ModelConfig] = None) -> str:
     `transformer_engine` insists (a clear ConfigError when TE is missing); `te_standin` is TE's layout built from
     torch modules (`megatron_r1.models.te_standin`), which runs anywhere.
     """
-    from megatron_r1.errors import ConfigError
-
     impl = "auto" if m is None else getattr(m, "transformer_impl", "auto")
     if impl not in TRANSFORMER_IMPLS:
         raise ConfigError(f"model.transformer_impl: unknown implementation {impl!r} "
@@ -200,8 +200,6 @@ def uses_transformer_engine(m: Optional[ModelConfig] = None) -> bool:
 
 def build_layer_spec(tconfig, impl: str = "local"):
     """Decoder block spec (and MTP block spec) for this config and implementation (`resolve_transformer_impl`)."""
-    import copy
-
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
     if impl == "te_standin":

@@ -1,5 +1,5 @@
 """The public ops, each routed to the backend dispatch.py selects for its tensors' device."""
-from . import chunked, reference
+from . import chunked, cuda_ext, reference
 from .dispatch import _triton_importable, rows_for, select_backend
 from .loss import PolicyLossConfig, aggregation_weights, policy_metrics, tis_weights
 
@@ -33,7 +33,6 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-6, std="population
     call on CUDA takes the Triton kernel (or the reference without Triton)."""
     backend = select_backend(rewards.device.type)
     if backend == "cuda" and (std == "population" or scale == "none"):
-        from . import cuda_ext
 
         return cuda_ext.group_advantages(rewards, group_size, scale, eps)
     if backend == "triton" or (backend == "cuda" and _triton_importable()):
@@ -77,7 +76,6 @@ def grpo_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None
     if backend != "cuda" or cfg.cuda_unsupported(behavior_logprobs is not None and cfg.tis_cap is not None):
         return reference.policy_loss_from_config(logprobs, old_logprobs, advantages, mask, cfg, ref_logprobs,
                                                  behavior_logprobs)
-    from . import cuda_ext
 
     cfg.check_inputs(ref_logprobs, behavior_logprobs)
     mask = mask.bool()

@@ -6,6 +6,7 @@ and, for an installed package, in megatron_r1/csrc/ (shipped as package data).
 """
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,7 +92,6 @@ def available(build: bool = True) -> bool:
     except (OSError, RuntimeError, ImportError) as e:
         # cpp_extension raises RuntimeError on compiler/linker errors, OSError on a missing toolchain
         _build_error = e
-        import warnings
 
         warnings.warn(f"megatron_r1 CUDA ops unavailable, falling back to Triton: {e}", RuntimeWarning)
         return False

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
+import sys
 import types
+import warnings
+from functools import reduce
 
 import torch
 
@@ -199,9 +203,6 @@ CUDA_LITERAL_MODULES = (
 
 # ------------------------------------------------------------------ (1) the global memory buffer
 def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-    import operator
-    from functools import reduce
-
     required = reduce(operator.mul, tensor_shape, 1)
     buf = self.buffer.get((name, dtype))
     if buf is None or buf.numel() < required:
@@ -306,7 +307,6 @@ def install() -> bool:
     # TE is there; tell them the truth so they take their pure-torch paths.
     _disable_te_flags()
     # (10) Modules that imported the tracker getter by name before we ran.
-    import sys
 
     for mod_name, mod in list(sys.modules.items()):
         if mod_name.startswith("megatron.core") and getattr(mod, "get_cuda_rng_tracker", None) is not None:
@@ -352,7 +352,6 @@ def _warn_broken_te(error: BaseException) -> None:
     if _WARNED_BROKEN_TE:
         return
     _WARNED_BROKEN_TE = True
-    import warnings
 
     warnings.warn(f"Transformer Engine is installed but does not import ({type(error).__name__}: {error}); using "
                   "the local (torch) layer spec. Reinstall the [gpu] extra built for this torch (README, GPU section).",

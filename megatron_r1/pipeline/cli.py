@@ -18,22 +18,28 @@ import time
 
 from megatron_r1.errors import ConfigError
 from megatron_r1.logging import get_logger
+from megatron_r1.pipeline.report import write_report
+from megatron_r1.pipeline.stages import (
+    _barrier,
+    _rank,
+    build_config,
+    check_sections,
+    load_pipeline,
+    read_marker,
+    run_stage,
+    write_marker,
+)
 
 log = get_logger()
 
 
 def _say(text: str) -> None:
-    from megatron_r1.pipeline.stages import _rank
-
     if _rank() == 0:
         print(f"[pipeline] {text}", flush=True)
 
 
 def run_pipeline(spec, until: str | None = None) -> list[dict]:
     """Run (or skip) each stage up to `until`; write the report; return the markers of the stages covered."""
-    from megatron_r1.pipeline.report import write_report
-    from megatron_r1.pipeline.stages import _barrier, _rank, read_marker, run_stage, write_marker
-
     stages = spec.stages
     if until is not None:
         last = spec.stage(until).index
@@ -68,8 +74,6 @@ def run_pipeline(spec, until: str | None = None) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    from megatron_r1.pipeline.stages import load_pipeline, read_marker
-
     ap = argparse.ArgumentParser(prog="megatron-r1 pipeline", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pipeline", help="pipeline YAML (examples/pipelines/r1.yaml)")
@@ -79,7 +83,6 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     spec = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
-        from megatron_r1.pipeline.stages import build_config, check_sections
 
         for stage in spec.stages:
             cfg = build_config(stage)  # validates: a typo in the last stage fails now, not hours in

@@ -17,9 +17,15 @@ from typing import Optional
 import yaml
 
 from megatron_r1.config import Config, config_from_dict
+from megatron_r1.data import load_dataset
 from megatron_r1.errors import CheckpointError, ConfigError, DataError
 from megatron_r1.logging import get_logger
+from megatron_r1.parallel.runtime import current_context
 from megatron_r1.pipeline.files import write_jsonl
+from megatron_r1.pipeline.rejection_sampling import SamplingOptions, print_summary, run_sampling
+from megatron_r1.pipeline.sections import parse_command_line, parse_section
+from megatron_r1.rl.evaluate import main as eval_main
+from megatron_r1.sft.trainer import run_sft
 
 log = get_logger()
 
@@ -67,11 +73,6 @@ def teacher_config(teacher: str, prompts: str, prompt_options: dict, run_dir: st
 
 def build_distill_data(cfg: Config, opts: DistillOptions) -> tuple[Path, dict]:
     """Write the student's training jsonl (teacher answers + reused rows); return its path and a summary."""
-    from megatron_r1.data import load_dataset
-    from megatron_r1.pipeline.rejection_sampling import SamplingOptions, print_summary, run_sampling
-    from megatron_r1.pipeline.sections import parse_section
-    from megatron_r1.parallel.runtime import current_context
-
     if not opts.teacher and not opts.data:
         raise ConfigError("distill: give a teacher checkpoint (distill.teacher) and/or data to reuse (distill.data)")
     run_dir = Path(cfg.logging.run_dir)
@@ -106,8 +107,6 @@ def build_distill_data(cfg: Config, opts: DistillOptions) -> tuple[Path, dict]:
 
 def evaluate_student(cfg: Config, opts: DistillOptions) -> dict:
     """`megatron-r1 eval` on the student's final checkpoint; returns its JSON (also saved as student_eval.json)."""
-    from megatron_r1.rl.evaluate import main as eval_main
-
     e = opts.eval
     out = Path(cfg.logging.run_dir) / "student_eval.json"
     dataset = e.dataset or opts.prompts
@@ -124,8 +123,6 @@ def evaluate_student(cfg: Config, opts: DistillOptions) -> dict:
 
 def run_distill(cfg: Config, opts: DistillOptions) -> dict:
     """Teacher data -> student SFT (resumable like any SFT stage) -> student evaluation. Returns a summary."""
-    from megatron_r1.sft.trainer import run_sft
-
     if cfg.stage != "sft":
         raise ConfigError(f"stage: distillation trains the student by SFT; set stage: sft (got {cfg.stage!r})")
     if not cfg.checkpoint.save:
@@ -139,7 +136,6 @@ def run_distill(cfg: Config, opts: DistillOptions) -> dict:
         log.info("distill: reusing %s (%d rows)", data_file, summary.get("rows", 0))
     else:
         data_file, summary = build_distill_data(cfg, opts)
-        from megatron_r1.parallel.runtime import current_context
 
         if current_context().rank == 0:
             summary_file.write_text(json.dumps(summary, indent=2) + "\n")
@@ -155,8 +151,6 @@ def run_distill(cfg: Config, opts: DistillOptions) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from megatron_r1.pipeline.sections import parse_command_line
-
     cfg, opts = parse_command_line(argv, "megatron-r1 distill", __doc__, "distill", DistillOptions,
                                    "YAML: the student's sft config plus a `distill:` section",
                                    "section.key=value (distill.teacher=DIR, model.preset=llama_tiny)")

@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megatron_r1.data import load_dataset
 from megatron_r1.errors import ConfigError, DataError
 from megatron_r1.pipeline.files import write_jsonl
+from megatron_r1.pipeline.sections import parse_section
+from megatron_r1.reward_model.preferences import generate_preferences
+from megatron_r1.rewards import CombinedReward, RewardSpec
 
 
 @dataclass
@@ -39,8 +43,6 @@ class MixtureOptions:
 
 
 def parse_mixture(data: dict, where: str = "mixture") -> tuple[MixtureOptions, list[MixtureSource]]:
-    from megatron_r1.pipeline.sections import parse_section
-
     opts = parse_section(MixtureOptions, data, where)
     if not opts.sources:
         raise ConfigError(f"{where}.sources: at least one source is needed")
@@ -74,14 +76,12 @@ def _counts(sources: list[MixtureSource], total: int) -> list[int]:
 
 def _prompts(src: MixtureSource, count: int, seed: int, where: str) -> list[dict]:
     if src.source == "builtin:preferences":
-        from megatron_r1.reward_model.preferences import generate_preferences
 
         # Only the prompt is used: the policy answers it and the reward model judges the answer.
         rows = [{"id": r["id"], "prompt": r["prompt"], "subkind": r["kind"]}
                 for r in generate_preferences(num_samples=count, seed=int(src.options.get("seed", seed)),
                                               split="train")]
     else:
-        from megatron_r1.data import load_dataset
 
         options = dict(src.options)
         if src.source.startswith("builtin:"):
@@ -130,8 +130,6 @@ class RoutedReward:
     """
 
     def __init__(self, routes: dict, kind_field: str = "kind", default: Optional[str] = None):
-        from megatron_r1.rewards import CombinedReward, RewardSpec
-
         if not isinstance(routes, dict) or not routes:
             raise ConfigError("reward 'routed': option `routes` must map each kind to a list of rewards")
         self.routes = {}

@@ -12,15 +12,28 @@ beside the Config rather than inside it).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from megatron_r1.config import Config
+from megatron_r1.data import load_dataset
+from megatron_r1.data.templates import get_template
+from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.errors import CheckpointError, ConfigError, DataError
 from megatron_r1.logging import get_logger
+from megatron_r1.models import build_model
+from megatron_r1.parallel import init_parallel
+from megatron_r1.parallel.runtime import current_context
 from megatron_r1.pipeline.files import write_jsonl
 from megatron_r1.pipeline.filters import FilterStats, FilterThresholds, measure, select_answers
+from megatron_r1.pipeline.sections import parse_command_line
+from megatron_r1.reward_model.preferences import generate_preferences
+from megatron_r1.rewards import get_reward
+from megatron_r1.rewards.language import check_language
+from megatron_r1.rl.rollout import sample_group_rollouts
+from megatron_r1.sft.data import response_text
 
 log = get_logger()
 
@@ -72,7 +85,6 @@ class SamplingOptions:
             raise ConfigError(f"{where}.general_ratio / min_general_samples: must be >= 0")
         if self.min_general_samples > 0 and not self.general_source:
             raise ConfigError(f"{where}.general_source: needed for min_general_samples={self.min_general_samples}")
-        from megatron_r1.rewards.language import check_language
 
         check_language(self.language)
 
@@ -99,11 +111,7 @@ def build_generator(cfg: Config, checkpoint: str, max_new_tokens: int):
     """(engine, tokenizer, template, parallel context) for the checkpoint in `checkpoint`, laid out as
     `cfg.parallel`."""
     from megatron_r1.checkpoint import load_model_only
-    from megatron_r1.data.templates import get_template
-    from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.inference import Engine
-    from megatron_r1.models import build_model
-    from megatron_r1.parallel import init_parallel
 
     ctx = init_parallel(cfg.parallel, cfg.training.seed)
     model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
@@ -154,9 +162,6 @@ def _gather_rows(rows: list, ctx) -> list:
 def sample_reasoning(cfg: Config, opts: SamplingOptions, checkpoint: str, prompts: list[dict]
                      ) -> tuple[list[dict], FilterStats]:
     """Draw, score and filter; returns the kept rows (with provenance) and the filter counts over all ranks."""
-    from megatron_r1.rewards import get_reward
-    from megatron_r1.rl.rollout import sample_group_rollouts
-
     max_new = _max_new(cfg, opts)
     engine, tokenizer, template, ctx = build_generator(cfg, checkpoint, max_new)
     thresholds = opts.thresholds(template.think_only)
@@ -209,19 +214,14 @@ def load_general(source: str, count: int, options: dict, seed: int) -> list[dict
 
     `builtin:preferences` contributes its preferred answers (helpful and harmless replies); any other source must
     carry a `completion`/`response` per row (as an SFT set does)."""
-    import random
-
     if count <= 0:
         return []
     if source == "builtin:preferences":
-        from megatron_r1.reward_model.preferences import generate_preferences
 
         pool = [{"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"], "subkind": r["kind"]}
                 for r in generate_preferences(num_samples=max(count, int(options.get("num_samples", 0))),
                                               seed=int(options.get("seed", seed)), split="train")]
     else:
-        from megatron_r1.data import load_dataset
-        from megatron_r1.sft.data import response_text
 
         pool = []
         for i, r in enumerate(load_dataset(source, split="train", **options)):
@@ -243,10 +243,6 @@ def output_path(cfg: Config, opts: SamplingOptions) -> Path:
 def run_sampling(cfg: Config, opts: SamplingOptions, allow_empty: bool = False) -> SamplingResult:
     """The whole stage-3 data job; every rank calls it, rank 0 writes the files. An empty result is an error
     (the SFT after it would have nothing to train on) unless `allow_empty`."""
-    import random
-
-    from megatron_r1.data import load_dataset
-
     opts.validate()
     checkpoint = _resolved_checkpoint(cfg, opts)
     prompts = load_dataset(cfg.data.source, field_map=cfg.data.field_map or None, split="train",
@@ -269,7 +265,6 @@ def run_sampling(cfg: Config, opts: SamplingOptions, allow_empty: bool = False) 
     random.Random(f"mix:{opts.seed}").shuffle(rows)
     out = output_path(cfg, opts)
     result = SamplingResult(str(out), checkpoint, len(prompts), len(reasoning), len(general), stats)
-    from megatron_r1.parallel.runtime import current_context
 
     if current_context().rank == 0:
         write_jsonl(rows, out)
@@ -299,9 +294,6 @@ def print_summary(result: SamplingResult, rank0: bool = True) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from megatron_r1.parallel.runtime import current_context
-    from megatron_r1.pipeline.sections import parse_command_line
-
     cfg, opts = parse_command_line(argv, "megatron-r1 sample", __doc__, "sampling", SamplingOptions,
                                    "YAML: a stage config plus a `sampling:` section",
                                    "section.key=value (sampling.n=8, checkpoint.load=DIR, ...)")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from megatron_r1.pipeline.stages import read_marker
+
 # Per trainer stage: the metrics worth a line in the report, in order (first and last logged value shown).
 KEY_METRICS = {
     "pretrain": ["loss"],
@@ -124,8 +126,6 @@ def write_png(spec, stages, markers: dict, path: Path) -> Path:
 
 def write_report(spec, stages) -> tuple[Path, Path]:
     """Write <run_dir>/report.md and report.png for `stages` (those this run covered)."""
-    from megatron_r1.pipeline.stages import read_marker
-
     markers = {s.name: read_marker(s) for s in stages}
     md = spec.run_dir / "report.md"
     png = spec.run_dir / "report.png"

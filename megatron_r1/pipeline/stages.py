@@ -23,7 +23,9 @@ skips it. A stage without a marker is (re)run: the trainers resume from their ch
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -32,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_r1.config import config_from_dict, parse_override, read_yaml
 from megatron_r1.errors import ConfigError
 from megatron_r1.pipeline.files import atomic_open
+from megatron_r1.pipeline.mixture import parse_mixture, write_mixture
+from megatron_r1.pipeline.sections import parse_section
 
 STAGE_TYPES = ("train", "sample", "distill")
 MARKER = "STAGE_DONE.json"
@@ -138,8 +143,6 @@ def _substitute(value: Any, products: dict, where: str) -> Any:
 def _apply_overrides(raw: dict, overrides: list[str], names: set[str], source: str) -> None:
     """`NAME.section.key=v` -> that stage (`config`, or its sampling/distill/mixture section);
     `run_dir=v`; anything else -> `defaults`."""
-    from megatron_r1.config import parse_override
-
     stages = {s.get("name"): s for s in raw.get("stages", []) if isinstance(s, dict)}
     for text in overrides:
         keys, value = parse_override(text)
@@ -167,8 +170,6 @@ def _apply_overrides(raw: dict, overrides: list[str], names: set[str], source: s
 def parse_pipeline(raw: dict, source: str = "pipeline", overrides: list[str] = (),
                    config_dir: Optional[Path] = None) -> PipelineSpec:
     """Resolve a pipeline mapping into stages with final configs; every mistake names the stage and field."""
-    import copy
-
     raw = copy.deepcopy(raw)
     unknown = sorted(set(raw) - {"run_dir", "defaults", "stages"})
     if unknown:
@@ -237,8 +238,6 @@ def _own_paths(stage: StageSpec, products: dict) -> None:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineSpec:
-    from megatron_r1.config import read_yaml
-
     return parse_pipeline(read_yaml(path), str(path), list(overrides), Path(path).parent)
 
 
@@ -269,15 +268,11 @@ def _jsonable(v):
 
 # ------------------------------------------------------------------------------------------------ running
 def build_config(stage: StageSpec):
-    from megatron_r1.config import config_from_dict
-
     return config_from_dict(stage.config, source=f"stage {stage.name}")
 
 
 def check_sections(stage: StageSpec) -> None:
     """Parse the stage's own sections (sampling / distill / mixture) so their mistakes surface before any run."""
-    from megatron_r1.pipeline.sections import parse_section
-
     where = f"stage {stage.name}"
     if stage.type == "sample":
         from megatron_r1.pipeline.rejection_sampling import SamplingOptions
@@ -288,18 +283,14 @@ def check_sections(stage: StageSpec) -> None:
 
         parse_section(DistillOptions, dict(stage.distill or {}), f"{where}.distill")
     if stage.mixture is not None:
-        from megatron_r1.pipeline.mixture import parse_mixture
 
         parse_mixture(stage.mixture, f"{where}.mixture")
 
 
 def run_stage(stage: StageSpec) -> dict:
     """Run one stage in this process (every rank calls it); returns its summary for the marker and report."""
-    import copy
-
     cfg = build_config(stage)
     if stage.mixture is not None:
-        from megatron_r1.pipeline.mixture import write_mixture
 
         # Deterministic (seeded), so a resumed stage writes the same prompts again; rank 0 writes, others wait.
         counts = write_mixture(stage.mixture, stage.data_file, f"stage {stage.name}.mixture") \
@@ -308,7 +299,6 @@ def run_stage(stage: StageSpec) -> dict:
     else:
         counts = None
     if stage.type == "train":
-        import importlib
 
         from megatron_r1.training.cli import STAGE_RUNNERS
 
@@ -320,14 +310,12 @@ def run_stage(stage: StageSpec) -> dict:
         return summary
     if stage.type == "sample":
         from megatron_r1.pipeline.rejection_sampling import SamplingOptions, print_summary, run_sampling
-        from megatron_r1.pipeline.sections import parse_section
 
         opts = parse_section(SamplingOptions, copy.deepcopy(stage.sampling), f"stage {stage.name}.sampling")
         result = run_sampling(cfg, opts)
         print_summary(result, _rank() == 0)
         return result.as_dict()
     from megatron_r1.pipeline.distill import DistillOptions, run_distill
-    from megatron_r1.pipeline.sections import parse_section
 
     opts = parse_section(DistillOptions, copy.deepcopy(stage.distill), f"stage {stage.name}.distill")
     return run_distill(cfg, opts)

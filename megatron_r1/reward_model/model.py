@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_r1.models import build_model
 from megatron_r1.models.heads import hidden_states_output
 
 
@@ -75,6 +76,4 @@ def encode_pairs(tokenizer, template, prompt_completions: list[tuple[str, str]],
 
 
 def build_reward_model(cfg):
-    from megatron_r1.models import build_model
-
     return RewardModel(build_model(cfg.model, cfg.parallel, cfg.training.precision))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+from megatron_r1.data import load_dataset
 from megatron_r1.errors import DataError
 
 HARMFUL_REQUESTS = [
@@ -91,7 +92,6 @@ def load_preferences(source: str, /, field_map: dict | None = None, split: str =
     error naming it, or skipped with `skip_bad_rows`."""
     if source == "builtin:preferences":
         return generate_preferences(split=split, **options)
-    from megatron_r1.data import load_dataset
 
     rows = load_dataset(source, field_map=field_map, split=split, skip_bad_rows=skip_bad_rows, **options)
     kept = []

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_r1.config import config_from_dict
+from megatron_r1.data.templates import get_template
+from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.errors import ConfigError
 from megatron_r1.reward_model.model import build_reward_model, encode_pairs
 from megatron_r1.rewards.registry import register_reward
 
@@ -21,13 +25,9 @@ class RewardModelScorer:
     """
 
     def __init__(self, checkpoint: str, scale: float = 1.0, shift: float = 0.0, batch_size: int = 32):
-        from megatron_r1.checkpoint import checkpoint_config_yaml, load_model_only
-        from megatron_r1.config import config_from_dict
-        from megatron_r1.data.templates import get_template
-        from megatron_r1.data.tokenizer import load_tokenizer
-        from megatron_r1.errors import ConfigError
-
         import yaml
+
+        from megatron_r1.checkpoint import checkpoint_config_yaml, load_model_only
 
         text = checkpoint_config_yaml(checkpoint)
         if text is None:

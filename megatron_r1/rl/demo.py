@@ -9,12 +9,37 @@ Everything lands in one run directory: checkpoints, tensorboard events, PNG curv
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
+import os
+import platform
+import shutil
 import time
 from pathlib import Path
 
-from megatron_r1.config import config_from_dict
+from megatron_r1.config import config_from_dict, to_dict
+from megatron_r1.data import load_dataset, pretrain_corpus
+from megatron_r1.data.templates import get_template
+from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.logging import get_logger
+from megatron_r1.logging.metrics import read_metrics
+from megatron_r1.logging.plots import plot_run
+from megatron_r1.models import build_model
+from megatron_r1.parallel import init_parallel
+from megatron_r1.rl.demo_base import (
+    LOSS_CURVE,
+    SHIPPED,
+    describe,
+    load_base,
+    read_provenance,
+    write_base,
+    write_provenance,
+)
+from megatron_r1.rl.evaluate import score_samples
+from megatron_r1.rl.rollout import reflection_rate, sample_group_rollouts
+from megatron_r1.rl.trainer import run_grpo
+from megatron_r1.training.pretrain import run_pretrain
 
 log = get_logger()
 
@@ -104,16 +129,11 @@ def stage_configs(run_dir: Path, overrides: list[str], quick: bool):
 
 def build_demo_model(cfg):
     """The demo's model for `cfg`, on a (re)initialised single-process layout."""
-    from megatron_r1.models import build_model
-    from megatron_r1.parallel import init_parallel
-
     init_parallel(cfg.parallel, cfg.training.seed)
     return build_model(cfg.model, cfg.parallel, cfg.training.precision)
 
 
 def held_out_problems(cfg, num_problems: int) -> list[dict]:
-    from megatron_r1.data import load_dataset
-
     options = dict(cfg.data.options)
     options.update(num_samples=num_problems, unique=True)  # distinct held-out problems
     return load_dataset(cfg.data.source, split="test", **options)[:num_problems]
@@ -123,11 +143,7 @@ def evaluate_model(model, cfg, k: int, num_problems: int, seed: int, batch_probl
     """pass@1 over k samples, cons@k, format rate, mean length and reflection rate on the held-out split, plus the
     first problem's first answer (`sample`). Sampled at the training temperature (1.0): pass@1 is then the
     expected accuracy of one sampled answer."""
-    from megatron_r1.data.templates import get_template
-    from megatron_r1.data.tokenizer import load_tokenizer
     from megatron_r1.inference import Engine
-    from megatron_r1.rl.evaluate import score_samples
-    from megatron_r1.rl.rollout import reflection_rate, sample_group_rollouts
 
     model.eval()
     tokenizer = load_tokenizer(cfg.tokenizer.path)
@@ -166,8 +182,6 @@ def held_out_loss(model, pre_cfg, num_documents: int) -> float:
     problems): deterministic, so a loaded base can be checked against its recorded figure."""
     import torch
 
-    from megatron_r1.data import pretrain_corpus
-    from megatron_r1.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(pre_cfg.tokenizer.path)
     options = dict(pre_cfg.data.options, num_samples=num_documents, split="test")
@@ -189,10 +203,6 @@ def held_out_loss(model, pre_cfg, num_documents: int) -> float:
 
 def vocab_digest(cfg) -> str:
     """sha256 of the tokenizer's vocabulary: the base is only meaningful with the ids it was trained on."""
-    import hashlib
-
-    from megatron_r1.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(cfg.tokenizer.path)
     return hashlib.sha256(json.dumps([tok.decode([i]) for i in range(tok.vocab_size)]).encode()).hexdigest()
 
@@ -206,8 +216,6 @@ def check_figures(model, pre_cfg, rl_cfg) -> dict:
 
 def pretrain_base(pre_cfg, run_dir: Path, command: str) -> Path:
     """Pre-train the base from scratch and write it as a shippable base directory (`run_dir/base`)."""
-    from megatron_r1.training.pretrain import run_pretrain
-
     t0 = time.time()
     run_pretrain(pre_cfg)
     return export_base(pre_cfg, run_dir / "base", command, (time.time() - t0) / 60)
@@ -216,18 +224,10 @@ def pretrain_base(pre_cfg, run_dir: Path, command: str) -> Path:
 def export_base(pre_cfg, base_dir: Path, command: str, minutes: float, made_on: str | None = None) -> Path:
     """Write the pre-training run of `pre_cfg` (its last checkpoint and metrics) as a base directory: fp16 weights,
     provenance (command, config, versions, loss curve) and the loss-curve PNG."""
-    import datetime
-    import os
-    import platform
-
     import megatron.core
     import torch
 
     from megatron_r1.checkpoint import load_model_only
-    from megatron_r1.config import to_dict
-    from megatron_r1.logging.metrics import read_metrics
-    from megatron_r1.logging.plots import plot_run
-    from megatron_r1.rl.demo_base import LOSS_CURVE, write_base
 
     model = build_demo_model(pre_cfg)
     load_model_only(model, pre_cfg.checkpoint.save)
@@ -256,7 +256,6 @@ def export_base(pre_cfg, base_dir: Path, command: str, minutes: float, made_on: 
 def base_checkpoint(rl_cfg, base_dir: Path):
     """Load the base directory's weights into the demo model and save them as GRPO's starting checkpoint."""
     from megatron_r1.checkpoint import save_model_only
-    from megatron_r1.rl.demo_base import load_base
 
     model = build_demo_model(rl_cfg)
     provenance = load_base(model, base_dir)
@@ -280,12 +279,6 @@ RL_CURVES = {"reflection_rate": ("reflection_rate",)}
 
 
 def main(argv: list[str]) -> int:
-    import shutil
-
-    from megatron_r1.logging.plots import plot_run
-    from megatron_r1.rl.demo_base import LOSS_CURVE, SHIPPED, describe, read_provenance, write_provenance
-    from megatron_r1.rl.trainer import run_grpo
-
     ap = argparse.ArgumentParser(prog="megatron-r1 demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo", help="where everything is written (default runs/demo)")

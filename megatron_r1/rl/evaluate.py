@@ -8,6 +8,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from megatron_r1.config import load_config
+from megatron_r1.data import load_dataset
+from megatron_r1.data.templates import get_template
+from megatron_r1.data.tokenizer import load_tokenizer
+from megatron_r1.errors import CheckpointError
+from megatron_r1.models import build_model
 from megatron_r1.rewards import extract_answer, get_reward
 from megatron_r1.rewards.accuracy import normalize
 
@@ -62,13 +68,7 @@ def evaluate(engine, tokenizer, template, samples: list[dict], k: int, gen_cfg, 
 
 def main(argv: list[str]) -> int:
     from megatron_r1.checkpoint import latest_checkpoint, load_model_only
-    from megatron_r1.config import load_config
-    from megatron_r1.data import load_dataset
-    from megatron_r1.data.templates import get_template
-    from megatron_r1.data.tokenizer import load_tokenizer
-    from megatron_r1.errors import CheckpointError
     from megatron_r1.inference import Engine
-    from megatron_r1.models import build_model
     from megatron_r1.parallel import init_parallel
 
     ap = argparse.ArgumentParser(prog="megatron-r1 eval", description=__doc__)

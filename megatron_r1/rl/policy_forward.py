@@ -14,6 +14,8 @@ from megatron_r1.models.heads import hidden_states_output, output_weight
 from megatron_r1.models.positions import rotary_positions
 from megatron_r1.models.prefix_attention import PrefixLayout, prefix_attention
 from megatron_r1.models.unwrap import unwrap
+from megatron_r1.ops import PolicyLossConfig, fused_grpo_loss, grpo_policy_loss, token_logprobs
+from megatron_r1.ops.loss import aggregation_units
 from megatron_r1.rl.batch import PolicyBatch
 
 
@@ -25,8 +27,6 @@ def _tp_group():
 
 def response_logprobs(hidden: torch.Tensor, model, mb: PolicyBatch, temperature: float, entropy: bool = False):
     """log π(response token) [b, R] (and entropy [b, R]) from final hidden states [b, s, H]."""
-    from megatron_r1.ops import token_logprobs
-
     b, r = mb.response_index.shape
     rows = (torch.arange(b, device=hidden.device) // mb.answers_per_row).unsqueeze(1)  # each answer's row
     h = hidden[rows, mb.response_index]  # [b, R, H]
@@ -80,8 +80,6 @@ def micro_batches(batch: PolicyBatch, micro_batch_size: int, device, loss_agg: O
     With `loss_agg` each micro-batch carries its `loss_scale`, so that the schedule's mean over micro-batches is
     the mini-batch's loss however unevenly the answers are split (ops.loss.aggregation_units).
     """
-    from megatron_r1.ops.loss import aggregation_units
-
     plan = plan if plan is not None else plan_micro_batches(batch, micro_batch_size, max_tokens)
     total = aggregation_units(batch.response_mask, loss_agg) if loss_agg else None
     for rows in plan:
@@ -178,8 +176,6 @@ def compute_logprobs(model_chunks: list, batch: PolicyBatch, micro_batch_size: i
 
 def loss_config(rl_cfg):
     """The policy loss's knobs from the `rl` config section (every convention it names, none implied)."""
-    from megatron_r1.ops import PolicyLossConfig
-
     return PolicyLossConfig(
         clip_low=rl_cfg.clip_low, clip_high=rl_cfg.clip_high, kl_coef=rl_cfg.kl_coef,
         kl_estimator=rl_cfg.kl_estimator, loss_agg=rl_cfg.loss_agg, policy_loss=rl_cfg.policy_loss,
@@ -198,8 +194,6 @@ def make_policy_loss_step(rl_cfg, temperature: float, fused: bool = True):
     loss (gspo) takes the op's composed path by itself. `fused=False` is that composed path, kept as the
     reference the tests compare against (tests/rl/test_fused_policy_step.py).
     """
-    from megatron_r1.ops import fused_grpo_loss, grpo_policy_loss
-
     cfg = loss_config(rl_cfg)
 
     def forward_step(data_iterator, model):

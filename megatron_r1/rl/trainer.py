@@ -18,9 +18,18 @@ import torch
 from megatron_r1.config import Config
 from megatron_r1.errors import ConfigError
 from megatron_r1.logging import get_logger
+from megatron_r1.models.builder import build_model, uses_transformer_engine
+from megatron_r1.ops import AdvantageOptions, compute_advantages
+from megatron_r1.rewards import CombinedReward, RewardSpec
 from megatron_r1.rl.batch import RolloutBatch, collate, collate_shared_prefix
-from megatron_r1.rl.policy_forward import (compute_logprobs, hidden_mode, make_policy_loss_step, micro_batches,
-                                           padding_fraction, plan_micro_batches)
+from megatron_r1.rl.policy_forward import (
+    compute_logprobs,
+    hidden_mode,
+    make_policy_loss_step,
+    micro_batches,
+    padding_fraction,
+    plan_micro_batches,
+)
 from megatron_r1.rl.rollout import informative_groups, reflection_rate, sample_group_rollouts, score_rollouts
 from megatron_r1.training.lm_data import EpochOrder
 from megatron_r1.training.loop import resume_or_init, run_loop
@@ -68,7 +77,6 @@ def build_reference(cfg: Config, policy_model, fresh_start: bool, init_rng):
     """The frozen reference policy: the weights RL started from — `checkpoint.load` when given; otherwise the
     policy's own initial weights (copied at a fresh start, re-drawn from the captured init RNG on resume)."""
     from megatron_r1.checkpoint import rng
-    from megatron_r1.models.builder import build_model
 
     if cfg.checkpoint.load or fresh_start:
         ref = build_model(cfg.model, cfg.parallel, cfg.training.precision)
@@ -107,8 +115,6 @@ def on_device(model, offload: bool):
 def advantages_for(batch: RolloutBatch, rl, dp_group=None) -> torch.Tensor:
     """Advantages [N] by `rl.advantage_estimator` with the configured std, eps and groups-of-one rule; the
     REINFORCE++ batch normalisation weighs answers by their response tokens and spans every DP rank."""
-    from megatron_r1.ops import AdvantageOptions, compute_advantages
-
     opts = AdvantageOptions(std=rl.advantage_std, eps=rl.advantage_eps, singleton=rl.singleton_advantage)
     lengths = torch.tensor([len(r) for r in batch.response_tokens], dtype=torch.float32)
     return compute_advantages(batch.rewards, batch.group_size, rl.advantage_estimator, opts, lengths, dp_group)
@@ -198,8 +204,6 @@ def build_engine(cfg: Config, policy_model, tokenizer):
 def check_shared_prefix(cfg: Config, dp_size: int) -> None:
     """What `rl.shared_prefix` needs beyond the config file: whole groups per DP rank's mini-batch, and the local
     attention module (it takes an arbitrary mask; Transformer Engine's spec is not verified to)."""
-    from megatron_r1.models.builder import uses_transformer_engine
-
     rl = cfg.rl
     if not rl.shared_prefix:
         return
@@ -226,8 +230,6 @@ def check_shared_prefix(cfg: Config, dp_size: int) -> None:
 
 def run_grpo(cfg: Config) -> dict:
     """Run GRPO for `training.train_steps` RL steps (resumable); return the last step's metrics."""
-    from megatron_r1.rewards import CombinedReward, RewardSpec
-
     rl, t = cfg.rl, cfg.training
     # With PP > 1 every stage generates the same rollouts (its own layers; the last stage samples) and scores them,
     # so each stage holds the whole batch its schedule's micro-batches are cut from.

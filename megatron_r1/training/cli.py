@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
 from megatron_r1.config import load_config
+from megatron_r1.planning import dry_run
 
 STAGE_RUNNERS = {
     "pretrain": "megatron_r1.training.pretrain:run_pretrain",
@@ -22,11 +24,9 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)  # `--dry-run` anywhere, before or among the overrides
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from megatron_r1.planning import dry_run
 
         print(dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
-    import importlib
 
     module_name, func_name = STAGE_RUNNERS[cfg.stage].split(":")
     getattr(importlib.import_module(module_name), func_name)(cfg)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_r1.config import Config, dump_yaml
+from megatron_r1.errors import CheckpointError
 from megatron_r1.logging import MetricsLogger, get_logger, plot_run
 from megatron_r1.training.setup import TrainState
 
@@ -44,7 +45,6 @@ def resume_or_init(state: TrainState,
         ok = load_checkpoint(state, ck.load, load_optimizer=ck.load_optimizer and not ck.finetune,
                              finetune=ck.finetune)
         if not ok:
-            from megatron_r1.errors import CheckpointError
 
             raise CheckpointError(f"{ck.load}: no checkpoint found (checkpoint.load); expected a `latest` file")
         return ck.load

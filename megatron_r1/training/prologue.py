@@ -11,6 +11,9 @@ from functools import cached_property
 from typing import Callable, Literal
 
 from megatron_r1.config import Config
+from megatron_r1.data import load_dataset
+from megatron_r1.data.templates import get_template
+from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.errors import ConfigError, DataError
 from megatron_r1.parallel import ParallelContext, init_parallel
 
@@ -42,16 +45,13 @@ class StageStart:
 
     @cached_property
     def template(self):
-        from megatron_r1.data.templates import get_template
-
         return get_template(self.cfg.data.template, self.tokenizer)
 
     def samples(self, split: Literal["train", "test"], loader: Callable | None = None) -> list:
         """The stage's rows of `split`: training rows from `data.source` (none is an error), held-out rows from
         `data.eval_source` or else `data.source`'s test split (may be empty). `loader` has `load_dataset`'s
         signature; the reward-model trainer passes its preference loader."""
-        if loader is None:
-            from megatron_r1.data import load_dataset as loader
+        loader = loader if loader is not None else load_dataset
         d = self.cfg.data
         source = d.source if split == "train" else (d.eval_source or d.source)
         rows = loader(source, field_map=d.field_map or None, split=split, skip_bad_rows=d.skip_bad_rows,
@@ -63,8 +63,6 @@ class StageStart:
 
 def start_stage(cfg: Config) -> StageStart:
     """init_parallel -> tokenizer -> vocabulary check: the first lines of every training stage."""
-    from megatron_r1.data.tokenizer import load_tokenizer
-
     ctx = init_parallel(cfg.parallel, cfg.training.seed)
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     check_vocab(cfg, tokenizer)

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
+from megatron_r1.checkpoint.convert.convert import convert_hf_to_mcore, convert_mcore_to_hf
+from megatron_r1.checkpoint.convert.gguf import hf_dir_from_gguf
 from megatron_r1.errors import UserError
 
 
@@ -25,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_r1.checkpoint.convert.convert import convert_hf_to_mcore, convert_mcore_to_hf
-
     args = build_parser().parse_args(argv)
     if args.source == "gguf":
         return _from_gguf(args)
@@ -46,12 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _from_gguf(args) -> int:
     """GGUF -> HF directory, or -> Megatron through a temporary HF directory."""
-    import tempfile
-    from pathlib import Path
-
-    from megatron_r1.checkpoint.convert.convert import convert_hf_to_mcore
-    from megatron_r1.checkpoint.convert.gguf import hf_dir_from_gguf
-
     if args.target == "hf":
         hf_dir_from_gguf(args.load, args.save, args.force, progress=not args.no_progress)
         return 0

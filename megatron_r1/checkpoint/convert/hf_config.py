@@ -5,11 +5,12 @@ silent approximation: a converted checkpoint either reproduces HF's logits or is
 """
 from __future__ import annotations
 
+import struct
 import warnings
 from typing import Any
 
-from megatron_r1.config import ModelConfig
 from megatron_r1.checkpoint.convert.mapping import HFOptions
+from megatron_r1.config import ModelConfig
 from megatron_r1.errors import CheckpointError
 
 ARCHS = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -125,8 +126,6 @@ def model_config_from_hf(hf: dict, where: str = "config.json", has_mtp: bool = F
 
 
 def _same_f32(a: float, b: float) -> bool:
-    import struct
-
     return struct.pack("<f", a) == struct.pack("<f", b)
 
 
