@@ -146,58 +146,61 @@ ONLY: dict[str, Only] = {
     "account_for_loss_in_pipeline_split": Only(_off, "the standard stage split", True),
 }
 
-NOT_FORWARD: dict[str, tuple[str, ...]] = {
-    "training only": (
-        "hidden_dropout", "attention_dropout", "calculate_per_token_loss", "mtp_loss_scaling_factor",
-        "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate", "moe_token_drop_policy",
-        "qk_clip", "qk_clip_alpha", "qk_clip_threshold", "init_method", "output_layer_init_method",
-        "init_method_std", "embedding_init_method", "embedding_init_method_std", "init_model_with_meta_device",
-        "perform_initialization", "use_cpu_initialization", "recompute_granularity", "recompute_method",
-        "recompute_num_layers", "distribute_saved_activations", "recompute_modules", "moe_layer_recompute",
-        "num_microbatches_with_partial_activation_checkpoints", "gradient_accumulation_fusion",
-        "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "delay_wgrad_compute",
-        "defer_embedding_wgrad_compute", "wgrad_deferral_limit", "finalize_model_grads_func", "grad_scale_func",
-        "no_sync_func", "grad_sync_func", "param_sync_func", "use_te_rng_tracker", "activation_func_fp8_input_store",
-        "fine_grained_activation_offloading", "offload_modules", "min_offloaded_tensor_size", "cpu_offloading",
-        "cpu_offloading_num_layers", "_cpu_offloading_context", "cpu_offloading_activations",
-        "cpu_offloading_weights", "cpu_offloading_double_buffering", "clone_scatter_output_in_embedding",
-        "mtp_standalone"),
-    "same arithmetic, other kernel or numerics": (
-        "attention_backend", "apply_query_key_layer_scaling", "attention_softmax_in_fp32",
-        "disable_bf16_reduced_precision_matmul", "bias_activation_fusion", "masked_softmax_fusion",
-        "persist_layer_norm", "memory_efficient_layer_norm", "bias_dropout_fusion", "apply_rope_fusion",
-        "fused_single_qkv_rope", "moe_permute_fusion", "moe_router_fusion", "deterministic_mode",
-        "batch_invariant_mode", "disable_parameter_transpose_cache", "mlp_chunks_for_prefill",
-        "enable_cuda_graph", "cuda_graph_use_single_mempool", "cuda_graph_retain_backward_graph",
-        "cuda_graph_warmup_steps", "external_cuda_graph", "cuda_graph_impl", "cuda_graph_scope",
-        "transformer_impl"),  # the spec: its module types are checked by MODULES below
-    "communication and schedule": (
-        "pipeline_model_parallel_comm_backend", "pipeline_dtype", "variable_seq_lengths", "overlap_p2p_comm",
-        "batch_p2p_comm", "batch_p2p_sync", "use_ring_exchange_p2p", "deallocate_pipeline_outputs",
-        "overlap_p2p_comm_warmup_flush", "microbatch_group_size_per_vp_stage", "async_tensor_model_parallel_allreduce",
-        "tp_comm_overlap", "tp_comm_bulk_wgrad", "tp_comm_bulk_dgrad", "tp_comm_overlap_ag", "tp_comm_overlap_rs",
-        "tp_comm_overlap_rs_dgrad", "tp_comm_split_ag", "tp_comm_atomic_ag", "tp_comm_split_rs",
-        "tp_comm_atomic_rs", "tp_comm_overlap_disable_qkv", "tp_comm_overlap_disable_fc1",
-        "tp_comm_bootstrap_backend", "overlap_moe_expert_parallel_comm", "ep_overlap_early_attn_memory_release",
-        "moe_token_dispatcher_type", "moe_enable_deepep", "moe_flex_dispatcher_backend", "moe_deepep_num_sms",
-        "moe_hybridep_num_sms", "moe_shared_expert_overlap", "moe_use_legacy_grouped_gemm", "symmetric_ar_type"),
-    "bookkeeping and logging": (
-        "timers", "barrier_with_L1_time", "test_mode", "config_logger_dir", "log_max_attention_logit",
-        "moe_per_layer_logging", "hetereogenous_dist_checkpoint"),
-    "Megatron's own inference engine": (
-        "flash_decode", "inference_rng_tracker", "inference_sampling_seed", "use_inference_optimized_layers",
-        "inference_fuse_tp_communication", "cache_mla_latents"),
-    "options of a feature an ONLY rule refuses": (
-        "fp8_recipe", "fp8_param", "fp8_quantizer_factory", "fp8_margin", "fp8_interval", "fp8_amax_history_len",
-        "fp8_amax_compute_algo", "fp8_wgrad", "fp8_dot_product_attention", "fp8_multi_head_attention",
-        "tp_only_amax_red", "first_last_layers_bf16", "num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16",
-        "fp4_recipe", "fp4_param", "fp4_quantizer_factory", "use_kitchen_attention", "kitchen_attention_backend",
-        "autocast_dtype", "cp_comm_type", "max_seqlen_per_dp_cp_rank", "dsa_indexer_n_heads",
-        "dsa_indexer_head_dim", "dsa_indexer_topk", "dsa_indexer_loss_coeff", "dsa_indexer_use_sparse_loss",
-        "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
-        "linear_num_value_heads", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
-        "use_mamba_mem_eff_path", "use_fused_weighted_squared_relu"),
-}
+NOT_FORWARD: dict[str, tuple[str, ...]] = {k: tuple(v.split()) for k, v in {
+    "training only": """
+        hidden_dropout attention_dropout calculate_per_token_loss mtp_loss_scaling_factor moe_aux_loss_coeff
+        moe_z_loss_coeff moe_router_bias_update_rate moe_token_drop_policy qk_clip qk_clip_alpha
+        qk_clip_threshold init_method output_layer_init_method init_method_std embedding_init_method
+        embedding_init_method_std init_model_with_meta_device perform_initialization use_cpu_initialization
+        recompute_granularity recompute_method recompute_num_layers distribute_saved_activations
+        recompute_modules moe_layer_recompute num_microbatches_with_partial_activation_checkpoints
+        gradient_accumulation_fusion cross_entropy_loss_fusion cross_entropy_fusion_impl delay_wgrad_compute
+        defer_embedding_wgrad_compute wgrad_deferral_limit finalize_model_grads_func grad_scale_func
+        no_sync_func grad_sync_func param_sync_func use_te_rng_tracker activation_func_fp8_input_store
+        fine_grained_activation_offloading offload_modules min_offloaded_tensor_size cpu_offloading
+        cpu_offloading_num_layers _cpu_offloading_context cpu_offloading_activations cpu_offloading_weights
+        cpu_offloading_double_buffering clone_scatter_output_in_embedding mtp_standalone
+        """,
+    "same arithmetic, other kernel or numerics": """
+        attention_backend apply_query_key_layer_scaling attention_softmax_in_fp32
+        disable_bf16_reduced_precision_matmul bias_activation_fusion masked_softmax_fusion persist_layer_norm
+        memory_efficient_layer_norm bias_dropout_fusion apply_rope_fusion fused_single_qkv_rope
+        moe_permute_fusion moe_router_fusion deterministic_mode batch_invariant_mode
+        disable_parameter_transpose_cache mlp_chunks_for_prefill enable_cuda_graph cuda_graph_use_single_mempool
+        cuda_graph_retain_backward_graph cuda_graph_warmup_steps external_cuda_graph cuda_graph_impl
+        cuda_graph_scope transformer_impl
+        """,
+    "communication and schedule": """
+        pipeline_model_parallel_comm_backend pipeline_dtype variable_seq_lengths overlap_p2p_comm batch_p2p_comm
+        batch_p2p_sync use_ring_exchange_p2p deallocate_pipeline_outputs overlap_p2p_comm_warmup_flush
+        microbatch_group_size_per_vp_stage async_tensor_model_parallel_allreduce tp_comm_overlap
+        tp_comm_bulk_wgrad tp_comm_bulk_dgrad tp_comm_overlap_ag tp_comm_overlap_rs tp_comm_overlap_rs_dgrad
+        tp_comm_split_ag tp_comm_atomic_ag tp_comm_split_rs tp_comm_atomic_rs tp_comm_overlap_disable_qkv
+        tp_comm_overlap_disable_fc1 tp_comm_bootstrap_backend overlap_moe_expert_parallel_comm
+        ep_overlap_early_attn_memory_release moe_token_dispatcher_type moe_enable_deepep
+        moe_flex_dispatcher_backend moe_deepep_num_sms moe_hybridep_num_sms moe_shared_expert_overlap
+        moe_use_legacy_grouped_gemm symmetric_ar_type
+        """,
+    "bookkeeping and logging": """
+        timers barrier_with_L1_time test_mode config_logger_dir log_max_attention_logit moe_per_layer_logging
+        hetereogenous_dist_checkpoint
+        """,
+    "Megatron's own inference engine": """
+        flash_decode inference_rng_tracker inference_sampling_seed use_inference_optimized_layers
+        inference_fuse_tp_communication cache_mla_latents
+        """,
+    "options of a feature an ONLY rule refuses": """
+        fp8_recipe fp8_param fp8_quantizer_factory fp8_margin fp8_interval fp8_amax_history_len
+        fp8_amax_compute_algo fp8_wgrad fp8_dot_product_attention fp8_multi_head_attention tp_only_amax_red
+        first_last_layers_bf16 num_layers_at_start_in_bf16 num_layers_at_end_in_bf16 fp4_recipe fp4_param
+        fp4_quantizer_factory use_kitchen_attention kitchen_attention_backend autocast_dtype cp_comm_type
+        max_seqlen_per_dp_cp_rank dsa_indexer_n_heads dsa_indexer_head_dim dsa_indexer_topk
+        dsa_indexer_loss_coeff dsa_indexer_use_sparse_loss linear_conv_kernel_dim linear_key_head_dim
+        linear_value_head_dim linear_num_key_heads linear_num_value_heads mamba_state_dim mamba_head_dim
+        mamba_num_groups mamba_num_heads use_mamba_mem_eff_path use_fused_weighted_squared_relu
+        """,
+}.items()}
+# (transformer_impl picks the spec; the module types it produces are checked against MODULES below)
 
 # Module types the weight reader (layer_adapter.py) takes, by slot; anything else is refused naming its path.
 # Linears are read through their `weight` (and TE's fused `layer_norm_weight`), whatever their class.

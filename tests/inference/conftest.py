@@ -34,6 +34,20 @@ def make_model(preset: str, seed: int = 0, std: float = 0.05, **overrides):
     return model
 
 
+def saved_models(tmp_path, seed: int, reference) -> tuple[dict, dict]:
+    """For the sharded-model tests: the MoE and the dense preset built at TP=1 with `seed`; returns
+    ({preset: reference(model)}, {preset: file of its full state dict}) for `sharded_models` to load."""
+    from megatron_r1.inference import weights
+
+    refs, files = {}, {}
+    for preset in ("deepseek_v3_tiny", "llama_tiny"):
+        model = make_model(preset, seed=seed)
+        refs[preset] = reference(model)
+        files[preset] = str(tmp_path / f"{preset}.pt")
+        torch.save(weights.full_state_dict(model), files[preset])
+    return refs, files
+
+
 def sharded_models(state_files: dict):
     """Inside a spawned rank: each saved model (`{preset: path of its full state dict}`) rebuilt at TP=2 and, for
     the MoE preset, at EP=2, with the full weights loaded into this rank's shard. Yields (preset, layout, model,

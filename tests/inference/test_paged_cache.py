@@ -12,7 +12,7 @@ from megatron_r1.inference.functional import FunctionalGPT
 from megatron_r1.inference.paged_cache import PagedKVCache, blocks_for_memory, bytes_per_token
 from tests.distributed import run_distributed
 
-from .conftest import make_model, sharded_models
+from .conftest import saved_models, sharded_models
 from .test_engine import _prompts
 
 PRESETS = ["deepseek_v3_tiny", "llama_tiny", "qwen2_tiny"]  # MLA + MoE, dense GQA, dense with QKV bias
@@ -218,14 +218,7 @@ def _rank_fn(rank, world, state_files):
 
 @pytest.mark.slow
 def test_paged_tp2_ep2_with_preemption_equal_contiguous_tp1(parallel_tp1, tmp_path):
-    from megatron_r1.inference import weights
-
-    refs, files = {}, {}
-    for preset in ("deepseek_v3_tiny", "llama_tiny"):
-        model = make_model(preset, seed=31)
-        refs[preset] = _generate(model, kv_cache="contiguous")[0]
-        files[preset] = str(tmp_path / f"{preset}.pt")
-        torch.save(weights.full_state_dict(model), files[preset])
+    refs, files = saved_models(tmp_path, 31, lambda model: _generate(model, kv_cache="contiguous")[0])
     results = run_distributed(_rank_fn, 2, files)
     for key, (gen, preemptions) in results[0].items():
         assert preemptions > 0, key

@@ -5,7 +5,7 @@ import torch
 from megatron_r1.inference import Engine, SamplingParams
 from tests.distributed import run_distributed
 
-from .conftest import make_model, sharded_models
+from .conftest import saved_models, sharded_models
 
 PROMPTS = [[5, 17, 300, 42, 9], [100, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14], [400, 401]]
 SAMPLING = [SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0, max_tokens=5),
@@ -33,14 +33,7 @@ def _rank_fn(rank, world, state_files):
 
 @pytest.mark.slow
 def test_tp2_and_ep2_equal_tp1(parallel_tp1, tmp_path):
-    from megatron_r1.inference import weights
-
-    refs, files = {}, {}
-    for preset in ("deepseek_v3_tiny", "llama_tiny"):
-        model = make_model(preset, seed=21)
-        refs[preset] = _generate(model)
-        files[preset] = str(tmp_path / f"{preset}.pt")
-        torch.save(weights.full_state_dict(model), files[preset])
+    refs, files = saved_models(tmp_path, 21, _generate)
     results = run_distributed(_rank_fn, 2, files)
     for key, (gen, gather_err, same_keys) in results[0].items():
         assert same_keys and gather_err == 0.0, key

@@ -158,26 +158,18 @@ def _check_layout(references, world, tp, pp, ep, mtp, via):
         _close(f"weights after {STEPS} steps {name}", params[name], ref["params"][name], rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.slow
-def test_tp2_hand_sharded_with_mtp(references):
-    _check_layout(references, 2, tp=2, pp=1, ep=1, mtp=True, via="hand")
+# (world, tp, pp, ep, mtp, how the shards get the reference's weights)
+LAYOUTS = {
+    "tp2_hand_sharded_with_mtp": (2, 2, 1, 1, True, "hand"),
+    "ep2_hand_sharded_with_mtp": (2, 1, 1, 2, True, "hand"),
+    "pp2_hand_sharded": (2, 1, 2, 1, False, "hand"),
+    "tp2_ep2_from_checkpoint_with_mtp": (4, 2, 1, 2, True, "checkpoint"),
+    "pp2_ep2_from_checkpoint": (4, 1, 2, 2, False, "checkpoint"),
+}
 
 
 @pytest.mark.slow
-def test_ep2_hand_sharded_with_mtp(references):
-    _check_layout(references, 2, tp=1, pp=1, ep=2, mtp=True, via="hand")
-
-
-@pytest.mark.slow
-def test_pp2_hand_sharded(references):
-    _check_layout(references, 2, tp=1, pp=2, ep=1, mtp=False, via="hand")
-
-
-@pytest.mark.slow
-def test_tp2_ep2_from_checkpoint_with_mtp(references):
-    _check_layout(references, 4, tp=2, pp=1, ep=2, mtp=True, via="checkpoint")
-
-
-@pytest.mark.slow
-def test_pp2_ep2_from_checkpoint(references):
-    _check_layout(references, 4, tp=1, pp=2, ep=2, mtp=False, via="checkpoint")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_equals_one_process(references, layout):
+    world, tp, pp, ep, mtp, via = LAYOUTS[layout]
+    _check_layout(references, world, tp=tp, pp=pp, ep=ep, mtp=mtp, via=via)
