@@ -123,3 +123,16 @@ def test_fields_our_builder_changes_are_reproduced(pairs, preset):
     refused = [name for name in changed if name in parity.ONLY and not parity.ONLY[name].accepts(getattr(cfg, name))
                and (parity.ONLY[name].applies is None or parity.ONLY[name].applies(cfg))]
     assert refused == []
+
+
+@pytest.mark.parametrize("field,choices", [("rope_type", "RopeType"), ("moe_router_score_function",
+                                                                          "RouterScoreFunction")])
+def test_every_configurable_choice_is_reproduced(field, choices):
+    """The config's Literal for a model field (choices.py) offers only values the generator's rule accepts: a new
+    choice added there without generator support fails here, not at a user's engine construction."""
+    from typing import get_args
+
+    from megatron_r1 import choices as C
+
+    values = get_args(getattr(C, choices))
+    assert values and all(parity.ONLY[field].accepts(v) for v in values), (field, values)
