@@ -166,17 +166,20 @@ def test_imports_inside_functions_defer_a_third_party_import():
     mods = _modules()
     graph = import_graph(deferred=False)
     own = _third_party_at_top(mods)
-    memo: dict[str, set[str]] = {}
 
-    def heavy(module: str, seen: frozenset = frozenset()) -> set[str]:
-        if module not in memo:
-            parents = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
-            found = set(own[module])
-            for dep in (graph[module] | parents) & set(mods):
+    def heavy(module: str) -> set[str]:
+        """Third-party packages loaded by importing `module`: everything it reaches at top level, its packages'
+        __init__ included (a plain walk: a package and its submodules import each other, so no memo)."""
+        seen, todo, found = {module}, [module], set()
+        while todo:
+            m = todo.pop()
+            found |= own[m]
+            parents = {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)}
+            for dep in (graph[m] | parents) & set(mods):
                 if dep not in seen:
-                    found |= heavy(dep, seen | {module})
-            memo[module] = found
-        return memo[module]
+                    seen.add(dep)
+                    todo.append(dep)
+        return found
 
     def exempt(tree) -> set[int]:
         ids = set()

@@ -7,6 +7,8 @@ for tests.
 import importlib.util
 import os
 
+from . import cuda_ext, rows_torch
+
 BACKENDS = ("reference", "torch", "triton", "cuda")
 ENV = "MEGATRON_R1_OPS"
 _PREFERENCE = ("cuda", "triton", "torch")
@@ -22,8 +24,6 @@ def available_backends(device_type: str) -> set:
     if device_type == "cuda":
         if _triton_importable():
             found.add("triton")
-        from . import cuda_ext
-
         if cuda_ext.available():
             found.add("cuda")
     elif os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable():
@@ -56,15 +56,11 @@ def select_backend(device_type: str, available=None) -> str:
 def rows_for(backend: str):
     """The per-row kernels object chunked.py drives for `backend` (None for the reference)."""
     if backend == "torch":
-        from .rows_torch import TorchRows
-
-        return TorchRows()
+        return rows_torch.TorchRows()
     if backend == "triton":
         from .triton_kernels import TritonRows
 
         return TritonRows()
     if backend == "cuda":
-        from .cuda_ext import CudaRows
-
-        return CudaRows()
+        return cuda_ext.CudaRows()
     return None

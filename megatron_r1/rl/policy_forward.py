@@ -14,7 +14,10 @@ from megatron_r1.models.heads import hidden_states_output, output_weight
 from megatron_r1.models.positions import rotary_positions
 from megatron_r1.models.prefix_attention import PrefixLayout, prefix_attention
 from megatron_r1.models.unwrap import unwrap
-from megatron_r1.ops import PolicyLossConfig, fused_grpo_loss, grpo_policy_loss, token_logprobs
+# The loss ops by module attribute, looked up at each call: the trainer takes whatever megatron_r1.ops holds
+# (tests count and poison the calls there).
+from megatron_r1 import ops
+from megatron_r1.ops import PolicyLossConfig
 from megatron_r1.ops.loss import aggregation_units
 from megatron_r1.rl.batch import PolicyBatch
 
@@ -31,7 +34,7 @@ def response_logprobs(hidden: torch.Tensor, model, mb: PolicyBatch, temperature:
     rows = (torch.arange(b, device=hidden.device) // mb.answers_per_row).unsqueeze(1)  # each answer's row
     h = hidden[rows, mb.response_index]  # [b, R, H]
     targets = mb.response_labels if mb.response_labels is not None else mb.labels[rows, mb.response_index]  # [b, R]
-    out = token_logprobs(h.reshape(b * r, -1), output_weight(model), targets.reshape(-1), temperature=temperature,
+    out = ops.token_logprobs(h.reshape(b * r, -1), output_weight(model), targets.reshape(-1), temperature=temperature,
                          return_entropy=entropy, tp_group=_tp_group())
     if entropy:
         lp, ent = out
@@ -207,7 +210,7 @@ def make_policy_loss_step(rl_cfg, temperature: float, fused: bool = True):
                 rows = (torch.arange(b, device=output.device) // mb.answers_per_row).unsqueeze(1)
                 targets = (mb.response_labels if mb.response_labels is not None
                            else mb.labels[rows, mb.response_index])
-                loss, m, ent = fused_grpo_loss(
+                loss, m, ent = ops.fused_grpo_loss(
                     output[rows, mb.response_index], output_weight(unwrap(model)), targets, mb.old_logprobs,
                     mb.advantages, mb.response_mask, ref_logprobs=mb.ref_logprobs, policy_loss=cfg,
                     behavior_logprobs=behavior, temperature=temperature, tp_group=_tp_group(),
@@ -215,7 +218,7 @@ def make_policy_loss_step(rl_cfg, temperature: float, fused: bool = True):
             else:
                 lp, ent = response_logprobs(output, unwrap(model), mb, temperature, entropy=True)
                 old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
-                loss, m = grpo_policy_loss(lp, old, mb.advantages, mb.response_mask, ref_logprobs=mb.ref_logprobs,
+                loss, m = ops.grpo_policy_loss(lp, old, mb.advantages, mb.response_mask, ref_logprobs=mb.ref_logprobs,
                                            policy_loss=cfg, behavior_logprobs=behavior)
             loss = loss * mb.loss_scale
             mask = mb.response_mask
