@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-
         print(__version__)
         return 0
     name = argv[0]

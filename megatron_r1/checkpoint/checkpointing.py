@@ -207,7 +207,6 @@ def carry_identity(cfg, save_dir: Path, iter_dir: Path) -> Path:
     sources = [save_dir] + ([cfg.checkpoint.load] if cfg.checkpoint.load else [])
     assets = next((a for a in map(checkpoint_assets_dir, sources) if a is not None), None)
     if assets is not None:
-
         for name in MODEL_ASSETS:
             if (assets / name).is_file():
                 shutil.copy2(assets / name, out / name)
@@ -381,7 +380,6 @@ def save_model_only(model, directory: str | Path) -> Path:
     _barrier()
     if rank == 0:
         if directory.exists():
-
             shutil.rmtree(directory)
         os.rename(tmp, directory)
     _barrier()

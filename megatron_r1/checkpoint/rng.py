@@ -21,7 +21,6 @@ def capture() -> dict:
     """This rank's generators: torch CPU (+ CUDA), Python, NumPy and Megatron's model-parallel tracker streams."""
     from megatron.core import tensor_parallel
 
-
     cpu_compat.install()  # on CPU the tracker is ours; must be in place before asking for it
     state = {
         "torch_cpu": torch.get_rng_state(),
@@ -36,7 +35,6 @@ def capture() -> dict:
 
 def restore(state: dict) -> None:
     from megatron.core import tensor_parallel
-
 
     cpu_compat.install()
     torch.set_rng_state(state["torch_cpu"])

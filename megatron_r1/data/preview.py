@@ -22,7 +22,6 @@ def preview(source: str, template: str = "r1_zero", n: int = 3, field_map: dict 
              f"formatted prompt chars ({template}): min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
              f"max {lengths[-1]}"]
     if tokenizer:
-
         tok = load_tokenizer(tokenizer)
         ntok = sorted(len(tok.encode(tmpl.format(s["prompt"]))) for s in samples)
         lines.append(f"formatted prompt tokens ({tokenizer}): min {ntok[0]}, median {ntok[len(ntok) // 2]}, "

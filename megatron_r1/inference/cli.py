@@ -85,7 +85,6 @@ def build_engine(args):
     """The engine (model built, weights loaded or random) and the served model name."""
     import torch
 
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model_cfg, recorded = _model_config(args)

@@ -779,7 +779,6 @@ class FunctionalGPT:
         if not self._fused_checked:
             self._fused_checked = True
             if self.fused_decode_reason() is None:
-
                 if cpu_kernels.available():
                     layers, eps = [], []
                     empty = torch.empty(0)

@@ -33,7 +33,6 @@ def group_advantages(rewards, group_size, scale="std", eps=1e-6, std="population
     call on CUDA takes the Triton kernel (or the reference without Triton)."""
     backend = select_backend(rewards.device.type)
     if backend == "cuda" and (std == "population" or scale == "none"):
-
         return cuda_ext.group_advantages(rewards, group_size, scale, eps)
     if backend == "triton" or (backend == "cuda" and _triton_importable()):
         from . import triton_kernels

@@ -83,7 +83,6 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)
     spec = load_pipeline(args.pipeline, args.overrides)
     if args.dry_run:
-
         for stage in spec.stages:
             cfg = build_config(stage)  # validates: a typo in the last stage fails now, not hours in
             check_sections(stage)

@@ -76,13 +76,11 @@ def _counts(sources: list[MixtureSource], total: int) -> list[int]:
 
 def _prompts(src: MixtureSource, count: int, seed: int, where: str) -> list[dict]:
     if src.source == "builtin:preferences":
-
         # Only the prompt is used: the policy answers it and the reward model judges the answer.
         rows = [{"id": r["id"], "prompt": r["prompt"], "subkind": r["kind"]}
                 for r in generate_preferences(num_samples=count, seed=int(src.options.get("seed", seed)),
                                               split="train")]
     else:
-
         options = dict(src.options)
         if src.source.startswith("builtin:"):
             options.setdefault("num_samples", count)

@@ -217,12 +217,10 @@ def load_general(source: str, count: int, options: dict, seed: int) -> list[dict
     if count <= 0:
         return []
     if source == "builtin:preferences":
-
         pool = [{"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"], "subkind": r["kind"]}
                 for r in generate_preferences(num_samples=max(count, int(options.get("num_samples", 0))),
                                               seed=int(options.get("seed", seed)), split="train")]
     else:
-
         pool = []
         for i, r in enumerate(load_dataset(source, split="train", **options)):
             pool.append({"id": str(r.get("id", i)), "prompt": r["prompt"],

@@ -283,7 +283,6 @@ def check_sections(stage: StageSpec) -> None:
 
         parse_section(DistillOptions, dict(stage.distill or {}), f"{where}.distill")
     if stage.mixture is not None:
-
         parse_mixture(stage.mixture, f"{where}.mixture")
 
 
@@ -291,7 +290,6 @@ def run_stage(stage: StageSpec) -> dict:
     """Run one stage in this process (every rank calls it); returns its summary for the marker and report."""
     cfg = build_config(stage)
     if stage.mixture is not None:
-
         # Deterministic (seeded), so a resumed stage writes the same prompts again; rank 0 writes, others wait.
         counts = write_mixture(stage.mixture, stage.data_file, f"stage {stage.name}.mixture") \
             if _rank() == 0 else None
@@ -299,7 +297,6 @@ def run_stage(stage: StageSpec) -> dict:
     else:
         counts = None
     if stage.type == "train":
-
         from megatron_r1.training.cli import STAGE_RUNNERS
 
         module_name, func_name = STAGE_RUNNERS[cfg.stage].split(":")

@@ -182,7 +182,6 @@ def held_out_loss(model, pre_cfg, num_documents: int) -> float:
     problems): deterministic, so a loaded base can be checked against its recorded figure."""
     import torch
 
-
     tokenizer = load_tokenizer(pre_cfg.tokenizer.path)
     options = dict(pre_cfg.data.options, num_samples=num_documents, split="test")
     docs = [tokenizer.encode(d) + [tokenizer.eos_id]

@@ -24,7 +24,6 @@ def main(argv: list[str]) -> int:
     args = ap.parse_intermixed_args(argv)  # `--dry-run` anywhere, before or among the overrides
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-
         print(dry_run(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
 

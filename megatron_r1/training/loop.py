@@ -45,7 +45,6 @@ def resume_or_init(state: TrainState,
         ok = load_checkpoint(state, ck.load, load_optimizer=ck.load_optimizer and not ck.finetune,
                              finetune=ck.finetune)
         if not ok:
-
             raise CheckpointError(f"{ck.load}: no checkpoint found (checkpoint.load); expected a `latest` file")
         return ck.load
     return None

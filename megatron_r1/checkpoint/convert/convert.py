@@ -204,7 +204,6 @@ def _rank_entry(rank: int, world: int, port: int, job: _Job, err_dir: str) -> No
 def _run_ranks(job: _Job, world: int) -> None:
     import torch.multiprocessing as mp
 
-
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as err_dir:
         port = _free_port()
@@ -333,7 +332,6 @@ def convert_mcore_to_hf(load: str | os.PathLike, save: str | os.PathLike, model:
                         max_shard_size: str | int = "5GB", force: bool = False, progress: bool = True) -> Path:
     """Convert the Megatron checkpoint `load` (root with `latest`, or an iteration directory) to HF in `save`."""
     from tqdm import tqdm
-
 
     t0 = time.time()
     max_bytes = parse_size(max_shard_size)

@@ -23,7 +23,6 @@ def hf_dir_from_gguf(gguf: str | os.PathLike, save: str | os.PathLike, force: bo
     import transformers as tf
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-
     gguf = Path(gguf)
     if not gguf.is_file():
         raise CheckpointError(f"{gguf}: GGUF file not found")
