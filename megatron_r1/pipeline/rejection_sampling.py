@@ -19,12 +19,9 @@ from typing import Optional
 
 from megatron_r1.config import Config
 from megatron_r1.data import load_dataset
-from megatron_r1.data.templates import get_template
-from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.errors import CheckpointError, ConfigError, DataError
 from megatron_r1.logging import get_logger
 from megatron_r1.models import build_model
-from megatron_r1.parallel import init_parallel
 from megatron_r1.parallel.runtime import current_context
 from megatron_r1.pipeline.files import write_jsonl
 from megatron_r1.pipeline.filters import FilterStats, FilterThresholds, measure, select_answers
@@ -34,6 +31,7 @@ from megatron_r1.rewards import get_reward
 from megatron_r1.rewards.language import check_language
 from megatron_r1.rl.rollout import sample_group_rollouts
 from megatron_r1.sft.data import response_text
+from megatron_r1.training.prologue import start_stage
 
 log = get_logger()
 
@@ -113,17 +111,17 @@ def build_generator(cfg: Config, checkpoint: str, max_new_tokens: int):
     from megatron_r1.checkpoint import load_model_only
     from megatron_r1.inference import Engine
 
-    ctx = init_parallel(cfg.parallel, cfg.training.seed)
+    stage = start_stage(cfg)
+    tokenizer = stage.tokenizer
     model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
     load_model_only(model, checkpoint)
     model.eval()
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
     g = cfg.generation  # the same cache settings as GRPO's engine (and megatron-r1 plan's accounting)
     engine = Engine(model, tokenizer=tokenizer, max_batch_size=g.max_batch_size,
                     max_seq_len=cfg.rl.max_prompt_length + max_new_tokens + 1, kv_cache=g.kv_cache,
                     kv_block_size=g.kv_block_size, kv_cache_blocks=g.kv_cache_blocks,
                     kv_cache_memory_gb=g.kv_cache_memory_gb)
-    return engine, tokenizer, get_template(cfg.data.template, tokenizer), ctx
+    return engine, tokenizer, stage.template, stage.ctx
 
 
 def _max_new(cfg: Config, opts: SamplingOptions) -> int:

@@ -10,8 +10,6 @@ from typing import Optional
 
 from megatron_r1.config import load_config
 from megatron_r1.data import load_dataset
-from megatron_r1.data.templates import get_template
-from megatron_r1.data.tokenizer import load_tokenizer
 from megatron_r1.errors import CheckpointError
 from megatron_r1.models import build_model
 from megatron_r1.rewards import extract_answer, get_reward
@@ -69,7 +67,7 @@ def evaluate(engine, tokenizer, template, samples: list[dict], k: int, gen_cfg, 
 def main(argv: list[str]) -> int:
     from megatron_r1.checkpoint import latest_checkpoint, load_model_only
     from megatron_r1.inference import Engine
-    from megatron_r1.parallel import init_parallel
+    from megatron_r1.training.prologue import start_stage  # torch, via the process groups
 
     ap = argparse.ArgumentParser(prog="megatron-r1 eval", description=__doc__)
     ap.add_argument("--load", required=True, help="checkpoint directory (with `latest`)")
@@ -91,11 +89,11 @@ def main(argv: list[str]) -> int:
     config_path = args.config or (Path(ckpt) / "config.yaml")
     # The weights come from --load, so does the tokenizer unless the config or an override names one.
     cfg = load_config(config_path, ["checkpoint.save=null", f"checkpoint.load={args.load}", *args.overrides])
-    init_parallel(cfg.parallel, cfg.training.seed)
+    stage = start_stage(cfg)
+    tokenizer = stage.tokenizer
     model = build_model(cfg.model, cfg.parallel, cfg.training.precision)
     load_model_only(model, args.load)
     model.eval()
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
     source = args.dataset or cfg.data.eval_source or cfg.data.source
     options = dict(cfg.data.options) if source == (cfg.data.eval_source or cfg.data.source) else {}
     if args.num_problems is not None and source.startswith("builtin:"):
@@ -108,8 +106,7 @@ def main(argv: list[str]) -> int:
     max_new = args.max_new_tokens or cfg.rl.max_response_length
     engine = Engine(model, tokenizer=tokenizer, max_batch_size=gen.max_batch_size,
                     max_seq_len=cfg.rl.max_prompt_length + max_new + 1)
-    result = evaluate(engine, tokenizer, get_template(cfg.data.template, tokenizer), samples, args.k, gen, max_new,
-                      args.seed)
+    result = evaluate(engine, tokenizer, stage.template, samples, args.k, gen, max_new, args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

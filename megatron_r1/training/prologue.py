@@ -1,7 +1,8 @@
 """What every training stage does before it builds its model, in one place: the process groups, the tokenizer
 (checked against the model's vocabulary), the prompt template and the stage's samples.
 
-Pre-training, SFT, the reward-model trainer and GRPO all start this way; written once so that a fix (a clearer
+Pre-training, SFT, the reward-model trainer and GRPO all start this way, and so do the sampler of rejection
+sampling and `megatron-r1 eval` (process groups, tokenizer, template); written once so that a fix (a clearer
 error, a new data option such as `data.skip_bad_rows`) reaches every stage, and the stages read as their method.
 """
 from __future__ import annotations
